@@ -1,0 +1,85 @@
+"""Shared fixtures: real-data location, slow-test switch, and a tiny patch store factory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = Path(os.environ.get("UTS_REALDATA", REPO.parent / "shared" / "realdata"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    if not REALDATA.is_dir():
+        pytest.skip(f"real data not available at {REALDATA}")
+    return REALDATA
+
+
+def draw_blob(img: np.ndarray, y: float, x: float, r: float, colour) -> None:
+    yy, xx = np.ogrid[: img.shape[0], : img.shape[1]]
+    img[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = colour
+
+
+def write_tiny_store(path: Path, *, n_images: int = 6, field: int = 128, patch: int = 64,
+                     seed: int = 0, with_truth: bool = False) -> Path:
+    """Write a small complete store straight through the store API (no dataset reader).
+
+    Each field is pink with a few purple nuclei; about half hold a dark "mitosis" blob whose
+    centre is annotated. Splits: first 4 images train, then val, then test (cycling).
+    """
+    from uts_cli.io import store
+
+    rng = np.random.default_rng(seed)
+    splits = ["train"] * max(1, n_images - 2) + ["val", "test"]
+    rows = [{"id": f"c{i}/f0", "case_id": f"c{i}", "path": f"c{i}/f0.tif",
+             "shape": (field, field, 3), "split": splits[i % len(splits)], "pixel_size_um": 0.25}
+            for i in range(n_images)]
+    cfg = {"dataset": "tiny", "patch_size": patch, "seed": seed}
+    f = store.create_partial(path, attrs={"config_json": __import__("json").dumps(cfg),
+                                          "config_hash": store.config_hash(cfg), "dataset": "tiny"},
+                             patch_size=patch, compression="none", has_truth=with_truth)
+    store.write_images_table(f, rows)
+    from uts_cli.tiling import assign_points, extract_tile, tile_grid
+
+    for i in range(n_images):
+        img = np.empty((field, field, 3), np.uint8)
+        img[:] = (235, 170, 200)
+        for _ in range(6):
+            draw_blob(img, rng.uniform(5, field - 5), rng.uniform(5, field - 5), 4, (150, 110, 190))
+        pts = rng.uniform(10, field - 10, size=(int(rng.integers(0, 3)), 2)).astype(np.float32)
+        for y, x in pts:
+            draw_blob(img, y, x, 5, (60, 30, 90))
+        grid = tile_grid(field, field, patch)
+        owner = assign_points(pts, field, field, patch)
+        n_pts = np.bincount(owner, minlength=len(grid)).astype(np.uint16)
+        local = pts - grid[owner].astype(np.float32)
+        kinds = np.zeros(len(pts), np.uint8)
+        rgb = np.stack([extract_tile(img, y0, x0, patch) for y0, x0 in grid])
+        pr = store.PatchRows(rgb=rgb, origin=grid, label=(n_pts > 0).astype(np.uint8), n_points=n_pts,
+                             n_hard=np.zeros(len(grid), np.uint16), tissue=np.ones(len(grid), np.float32),
+                             points=(owner, local, kinds),
+                             truth=(owner, local, kinds) if with_truth else None)
+        store.append_image(f, i, pr, sha256="0" * 64)
+    store.finalize(f, path)
+    return path
+
+
+@pytest.fixture
+def tiny_store(tmp_path) -> Path:
+    return write_tiny_store(tmp_path / "tiny.h5")

@@ -1,0 +1,3 @@
+from uts_cli.cli.app import main
+
+main()

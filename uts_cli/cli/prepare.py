@@ -1,0 +1,97 @@
+"""``uts prepare``: tile a raw dataset into an HDF5 patch store."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from uts_cli.cli._options import JsonOpt, OverwriteOpt
+from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
+
+
+class Dataset(str, Enum):
+    TUPAC16 = "TUPAC16"
+    MIDOG21 = "MIDOG21"
+    MITOS14 = "MITOS14"
+    CCMCT = "CCMCT"
+    folder = "folder"
+    synthetic = "synthetic"
+
+
+class Compression(str, Enum):
+    gzip = "gzip"
+    lzf = "lzf"
+    none = "none"
+
+
+EXAMPLES = """Examples:
+
+  uts prepare synthetic --seed 0
+
+  uts prepare TUPAC16 --root /data/TUPAC16 -o tupac16.h5
+
+  uts prepare folder --root my_slides --patch-size 256 --splits splits.csv
+"""
+
+
+@cli_errors("prepare")
+def prepare_cmd(
+    dataset: Annotated[Dataset, typer.Argument(case_sensitive=False, help="Dataset layout to read.")],
+    root: Annotated[Optional[Path], typer.Option(
+        "--root", help="Raw dataset folder (default ./local_data/datasets/NAME).", file_okay=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Store to write (default ./local_data/stores/NAME-pSIZE.h5).", dir_okay=False)] = None,
+    patch_size: Annotated[int, typer.Option("--patch-size", min=16, help="Patch side in pixels.")] = 500,
+    compression: Annotated[Compression, typer.Option(help="Compression of the patch pixels.")] = Compression.gzip,
+    splits: Annotated[Optional[Path], typer.Option(
+        "--splits", help="CSV 'case,split' overriding the default train/val/test split.",
+        exists=True, dir_okay=False)] = None,
+    min_tissue: Annotated[Optional[float], typer.Option(
+        "--min-tissue", min=0.0, max=1.0,
+        help="Skip patches with a smaller tissue fraction (default 0 for fields, 0.2 for whole slides).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="synthetic: generator seed.")] = 0,
+    min_confidence: Annotated[float, typer.Option(
+        "--min-confidence", help="MITOS14: drop points below this annotator confidence.")] = 0.0,
+    include_unlabelled: Annotated[bool, typer.Option(
+        "--include-unlabelled", help="MIDOG21: also tile the images that carry no labels (as test).")] = False,
+    annotations: Annotated[Optional[Path], typer.Option(
+        "--annotations", help="folder: the points CSV (default ROOT/annotations.csv).", dir_okay=False)] = None,
+    overwrite: OverwriteOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Tile high-power fields (or whole slides) and their centroid labels into a patch store."""
+    from uts_cli.api.prepare import prepare
+    from uts_cli.config import PrepareConfig
+
+    options: dict = {}
+    if dataset is Dataset.synthetic:
+        options["seed"] = seed
+    elif dataset is Dataset.MITOS14:
+        options["min_confidence"] = min_confidence
+    elif dataset is Dataset.MIDOG21:
+        options["include_unlabelled"] = include_unlabelled
+    elif dataset is Dataset.folder and annotations is not None:
+        options["annotations"] = str(annotations)
+    cfg = PrepareConfig(dataset=dataset.value, root=root, output=output, patch_size=patch_size,
+                        compression=compression.value, splits_file=splits, min_tissue=min_tissue,
+                        overwrite=overwrite, dataset_options=options)
+    result = prepare(cfg, CliReporter())
+    if json_output:
+        from dataclasses import asdict
+
+        emit_json({"ok": True, "command": "prepare", **asdict(result)})
+        return
+    print_table(f"Prepared {result.dataset} -> {result.store}", [
+        ("images", result.n_images),
+        ("patches", f"{result.n_patches} (train {result.splits['train']}, val {result.splits['val']}, "
+                    f"test {result.splits['test']})"),
+        ("positive patches", result.n_positive),
+        ("mitosis points", result.n_points),
+        ("hard-negative points", result.n_hard_negatives),
+        ("background tiles skipped", result.n_skipped_background),
+        ("resumed images", result.resumed_images),
+        ("time", f"{result.seconds:.1f} s"),
+    ])
+
