@@ -34,6 +34,10 @@ MIN_TISSUE_PIXELS = 64
 DEFAULT_MIN_TISSUE_FRACTION = 0.02
 
 _STATE_VERSION = 1
+# Pixels per internal chunk: about 4 patches of 500 x 500 on CPU (cache-sized float temporaries),
+# 64 on CUDA (about 1 GB of temporaries).
+_CHUNK_PIXELS_CPU = 1 << 20
+_CHUNK_PIXELS_CUDA = 1 << 24
 
 
 @dataclass
@@ -207,8 +211,12 @@ def tissue_mask(batch_uint8: torch.Tensor, *, io: float = 240.0, beta: float = 0
     od = -torch.log((levels + 1) / io)
     below = torch.nonzero(od >= beta)
     vmax = int(below.max()) if below.numel() else -1
-    return (batch_uint8 <= vmax).all(dim=-1) if vmax >= 0 else \
-        torch.zeros(batch_uint8.shape[:-1], dtype=torch.bool, device=batch_uint8.device)
+    if vmax < 0:
+        return torch.zeros(batch_uint8.shape[:-1], dtype=torch.bool, device=batch_uint8.device)
+    # Max of the three channels: far faster on CPU than .all(dim=-1) over an interleaved last dim.
+    brightest = torch.maximum(torch.maximum(batch_uint8[..., 0], batch_uint8[..., 1]),
+                              batch_uint8[..., 2])
+    return brightest <= vmax
 
 
 def histogram_match(batch_uint8: torch.Tensor, state: StainState) -> torch.Tensor:
@@ -230,19 +238,33 @@ def histogram_match(batch_uint8: torch.Tensor, state: StainState) -> torch.Tenso
     _check_batch(batch_uint8)
     if state.hist_ref is None or batch_uint8.shape[0] == 0:
         return batch_uint8
-    dev = batch_uint8.device
-    b, h, w, _ = batch_uint8.shape
-    flat = batch_uint8.reshape(b, h * w, 3)
-    cdf = torch.as_tensor(np.asarray(state.hist_ref), dtype=torch.float64, device=dev)
-    offsets = (torch.arange(b, device=dev) * 256)[:, None]
+    cdf = torch.as_tensor(np.asarray(state.hist_ref), dtype=torch.float64, device=batch_uint8.device)
+    out = torch.empty_like(batch_uint8)
+    for sl in _chunks(batch_uint8):
+        out[sl] = _histogram_match_chunk(batch_uint8[sl], cdf)
+    return out
+
+
+def _histogram_match_chunk(batch: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
+    b, h, w, _ = batch.shape
+    flat = batch.reshape(b, h * w, 3)
+    offsets = (torch.arange(b, device=batch.device) * 256)[:, None]
     out = torch.empty_like(flat)
-    for c in range(3):  # three channels; keeps the int64 index at (B, H*W)
-        idx = flat[:, :, c].long()
-        counts = torch.bincount((idx + offsets).reshape(-1), minlength=b * 256).reshape(b, 256)
+    for c in range(3):
+        idx = flat[:, :, c].long() + offsets  # (B, N) index into the B stacked 256-bin tables
+        counts = torch.bincount(idx.reshape(-1), minlength=b * 256).reshape(b, 256)
         src_q = torch.cumsum(counts, dim=1).double() / (h * w)
-        lut = _interp_lut(src_q, cdf[c])
-        out[:, :, c] = torch.gather(lut, 1, idx)
+        out[:, :, c] = torch.take(_interp_lut(src_q, cdf[c]), idx)
     return out.reshape(b, h, w, 3)
+
+
+def _chunks(batch: torch.Tensor) -> list[slice]:
+    """Split a batch into runs of about ``_CHUNK_PIXELS`` pixels: on CPU the float temporaries then
+    stay in cache (4 patches of 500 px ran 25% faster than 16) and memory stays bounded."""
+    b, h, w = batch.shape[:3]
+    budget = _CHUNK_PIXELS_CUDA if batch.device.type == "cuda" else _CHUNK_PIXELS_CPU
+    step = max(1, budget // max(1, h * w))
+    return [slice(i, min(b, i + step)) for i in range(0, b, step)]
 
 
 def _interp_lut(src_q: torch.Tensor, ref_cdf: torch.Tensor) -> torch.Tensor:
@@ -289,84 +311,114 @@ def macenko_normalize(batch_uint8: torch.Tensor, state: StainState
     if state.he_ref is None or state.max_c_ref is None:
         raise InputDataError("stain state has no Macenko reference",
                              hint="fit the stain state with Macenko enabled")
-    b, h, w, _ = batch_uint8.shape
     dev = batch_uint8.device
-    if b == 0:
-        return batch_uint8, torch.zeros(0, dtype=torch.bool, device=dev)
-    n_pix = h * w
-    x = batch_uint8.reshape(b, n_pix, 3)
-    io = state.io
+    he_ref = torch.as_tensor(np.asarray(state.he_ref), dtype=torch.float32, device=dev)
+    max_c_ref = torch.as_tensor(np.asarray(state.max_c_ref), dtype=torch.float32, device=dev)
+    out = torch.empty_like(batch_uint8)
+    ok = torch.zeros(batch_uint8.shape[0], dtype=torch.bool, device=dev)
+    for sl in _chunks(batch_uint8):
+        out[sl], ok[sl] = _macenko_chunk(batch_uint8[sl], state, he_ref, max_c_ref)
+    return out, ok
 
-    # Optical density with torchstain's float32 expression.
-    od = x.float().add_(1).div_(io).log_().neg_()
-    mask = (od >= state.beta).all(dim=-1)
+
+def _macenko_chunk(batch: torch.Tensor, state: StainState, he_ref: torch.Tensor,
+                   max_c_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, w, _ = batch.shape
+    n_pix = h * w
+    # Planar (B, 3, N) float32 layout: the 3x3 and 3x2 products run over long contiguous rows.
+    od = batch.reshape(b, n_pix, 3).permute(0, 2, 1).float()
+    od = od.add_(1).div_(state.io).log_().neg_()  # torchstain's float32 optical density
+    mask = torch.minimum(torch.minimum(od[:, 0], od[:, 1]), od[:, 2]) >= state.beta  # (B, N)
     n = mask.sum(dim=1)
     ok = n >= _min_tissue_pixels(n_pix, state.min_tissue_fraction)
 
     eigvecs = _masked_eigvecs(od, mask, n, ok)
     he = _stain_vectors(od, mask, n, eigvecs, state.alpha)
-
-    # Least squares concentrations C = pinv(HE) OD (HE is 3x2 with full rank where ok).
-    he64 = he.double()
-    gram = he64.transpose(1, 2) @ he64
-    good_gram = torch.linalg.det(gram).abs() > 1e-12
-    ok &= good_gram
-    gram = torch.where(good_gram[:, None, None], gram, torch.eye(2, dtype=gram.dtype, device=dev))
-    pinv = torch.linalg.solve(gram, he64.transpose(1, 2)).float()  # (B, 2, 3)
-    conc = torch.bmm(od, pinv.transpose(1, 2))  # (B, N, 2)
+    pinv, good = _pinv(he)
+    ok &= good
+    conc = torch.bmm(pinv, od)  # (B, 2, N) least-squares stain concentrations
     del od
     k99 = int(_percentile_index(torch.tensor(n_pix), 99)) + 1
-    max_c = torch.kthvalue(conc, k99, dim=1).values  # (B, 2)
-
-    max_c_ref = torch.as_tensor(np.asarray(state.max_c_ref), dtype=torch.float32, device=dev)
-    he_ref = torch.as_tensor(np.asarray(state.he_ref), dtype=torch.float32, device=dev)
+    max_c = torch.kthvalue(conc, k99, dim=-1).values  # (B, 2), over all pixels as torchstain does
     scale = max_c_ref / max_c
-    ok &= torch.isfinite(he).all(dim=(1, 2)) & (max_c > 0).all(dim=1) & torch.isfinite(scale).all(dim=1)
+    ok &= (max_c > 0).all(dim=1) & torch.isfinite(scale).all(dim=1)
     scale = torch.where(ok[:, None], scale, torch.ones_like(scale))
 
-    # Inorm = Io * exp(-HERef @ (C * maxCRef / maxC)), clipped at 255 and truncated like .int().
-    mix = (he_ref[None] * scale[:, None, :]).transpose(1, 2)  # (B, 2, 3)
-    out = torch.bmm(conc, mix)
+    # Inorm = Io * exp(-HERef @ (C * maxCRef / maxC)), clipped at 255, truncated like .int().
+    mix = he_ref[None] * scale[:, None, :]  # (B, 3, 2)
+    out = torch.bmm(mix, conc)
     del conc
-    out = out.neg_().exp_().mul_(io).clamp_(max=255.0)
-    out = out.to(torch.uint8).reshape(b, h, w, 3)
-    out = torch.where(ok[:, None, None, None], out, batch_uint8)
+    out = out.neg_().exp_().mul_(state.io).clamp_(max=255.0)
+    out = out.permute(0, 2, 1).to(torch.uint8).reshape(b, h, w, 3)
+    if not bool(ok.all()):
+        out[~ok] = batch[~ok]
     return out, ok
+
+
+def _pinv(he: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-inverse (HE^T HE)^-1 HE^T of (B, 3, 2) stain matrices, in float64, and which are
+    usable (finite and of full rank); unusable ones get a zero inverse."""
+    he64 = he.double()
+    gram = he64.transpose(1, 2) @ he64
+    good = torch.isfinite(gram).all(dim=(1, 2))
+    gram = torch.where(good[:, None, None], gram, torch.eye(2, dtype=gram.dtype, device=gram.device))
+    good &= torch.linalg.det(gram).abs() > 1e-12
+    gram = torch.where(good[:, None, None], gram, torch.eye(2, dtype=gram.dtype, device=gram.device))
+    he64 = torch.where(good[:, None, None], he64, 0.0)
+    # contiguous: bmm with a column-major (LAPACK-ordered) small operand is ~25x slower on CPU.
+    return torch.linalg.solve(gram, he64.transpose(1, 2)).float().contiguous(), good
 
 
 def _masked_eigvecs(od: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, ok: torch.Tensor
                     ) -> torch.Tensor:
     """Eigenvectors of the two largest eigenvalues of each patch's tissue OD covariance, (B, 3, 2)."""
-    m = mask.unsqueeze(-1).float()
-    nf = n.clamp(min=2).float()[:, None]
-    mean = (od * m).sum(dim=1) / nf  # (B, 3)
-    centred = (od - mean[:, None, :]).mul_(m)
-    cov = torch.bmm(centred.transpose(1, 2), centred) / (nf[:, :, None] - 1)
+    m = mask.unsqueeze(1).to(od.dtype)  # (B, 1, N)
+    nf = n.clamp(min=2).to(od.dtype)[:, None, None]
+    mean = torch.bmm(od, m.transpose(1, 2)) / nf  # (B, 3, 1)
+    centred = (od - mean).mul_(m)  # centred first: raw float32 moments would lose digits
+    cov = torch.bmm(centred, centred.transpose(1, 2)) / (nf - 1)
     del centred
     # Empty or tiny patches would give NaN covariances that make LAPACK fail for the whole batch.
-    eye = torch.eye(3, dtype=cov.dtype, device=cov.device)
-    cov = torch.where((ok & torch.isfinite(cov).all(dim=(1, 2)))[:, None, None], cov, eye)
+    usable = (ok & torch.isfinite(cov).all(dim=(1, 2)))[:, None, None]
+    cov = torch.where(usable, cov, torch.eye(3, dtype=cov.dtype, device=cov.device))
     _, vecs = torch.linalg.eigh(cov)
-    return vecs[:, :, 1:3]
+    return vecs[:, :, 1:3].contiguous()
 
 
 def _stain_vectors(od: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, eigvecs: torch.Tensor,
                    alpha: float) -> torch.Tensor:
     """torchstain's __find_HE on each patch's tissue pixels, (B, 3, 2) with H first."""
-    proj = torch.bmm(od, eigvecs)  # (B, N, 2)
-    phi = torch.atan2(proj[..., 1], proj[..., 0])
+    proj = torch.bmm(eigvecs.transpose(1, 2).contiguous(), od)  # (B, 2, N)
+    phi = torch.atan2(proj[:, 1], proj[:, 0])
     del proj
-    phi = phi.masked_fill_(~mask, float("inf"))
-    phi, _ = torch.sort(phi, dim=1)  # background (inf) sorts last
-    last = (n - 1).clamp(min=0)[:, None]
-    lo = torch.minimum(_percentile_index(n, alpha)[:, None], last)
-    hi = torch.minimum(_percentile_index(n, 100 - alpha)[:, None], last)
-    min_phi = phi.gather(1, lo.clamp(min=0)).squeeze(1)
-    max_phi = phi.gather(1, hi.clamp(min=0)).squeeze(1)
-    v_min = torch.bmm(eigvecs, torch.stack([torch.cos(min_phi), torch.sin(min_phi)], 1)[:, :, None])
-    v_max = torch.bmm(eigvecs, torch.stack([torch.cos(max_phi), torch.sin(max_phi)], 1)[:, :, None])
+    last = (n - 1).clamp(min=0)
+    lo_rank = torch.minimum(_percentile_index(n, alpha).clamp(min=0), last)
+    hi_rank = torch.minimum(_percentile_index(n, 100 - alpha).clamp(min=0), last)
+    # Background is filled with the value that sorts it out of the way at each end.
+    lo = _kth_smallest(torch.where(mask, phi, float("inf")), lo_rank)
+    hi = _kth_largest(phi.masked_fill_(~mask, float("-inf")), last - hi_rank)
+    v_min = torch.bmm(eigvecs, torch.stack([torch.cos(lo), torch.sin(lo)], 1)[:, :, None])
+    v_max = torch.bmm(eigvecs, torch.stack([torch.cos(hi), torch.sin(hi)], 1)[:, :, None])
     h_first = (v_min[:, 0, 0] > v_max[:, 0, 0])[:, None, None]
     return torch.where(h_first, torch.cat([v_min, v_max], 2), torch.cat([v_max, v_min], 2))
+
+
+def _kth_smallest(values: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Value of 0-based ``rank`` (one per row) in ascending order along the last dim.
+
+    A partial selection with topk (the ranks used sit near one end), not a full sort; kthvalue
+    would need the same rank in every row.
+    """
+    k = int(rank.max()) + 1
+    low = torch.topk(values, k, dim=-1, largest=False, sorted=True).values
+    return low.gather(-1, rank.unsqueeze(-1)).squeeze(-1)
+
+
+def _kth_largest(values: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Value of 0-based ``rank`` (one per row) in descending order along the last dim."""
+    k = int(rank.max()) + 1
+    top = torch.topk(values, k, dim=-1, largest=True, sorted=True).values
+    return top.gather(-1, rank.unsqueeze(-1)).squeeze(-1)
 
 
 def normalize_batch(batch_uint8: torch.Tensor, state: StainState
@@ -388,12 +440,24 @@ def normalize_batch(batch_uint8: torch.Tensor, state: StainState
         InputDataError: when the batch is not a (B, H, W, 3) uint8 tensor.
     """
     _check_batch(batch_uint8)
-    b, h, w, _ = batch_uint8.shape
-    n_tissue = tissue_mask(batch_uint8, io=state.io, beta=state.beta).sum(dim=(1, 2))
-    ok = n_tissue >= _min_tissue_pixels(h * w, state.min_tissue_fraction)
-    out = histogram_match(batch_uint8, state)
-    if state.he_ref is not None:
-        out, ok_mac = macenko_normalize(out, state)
-        ok &= ok_mac
-    out = torch.where(ok[:, None, None, None], out, batch_uint8)
+    dev = batch_uint8.device
+    out = torch.empty_like(batch_uint8)
+    ok = torch.zeros(batch_uint8.shape[0], dtype=torch.bool, device=dev)
+    cdf = None if state.hist_ref is None else \
+        torch.as_tensor(np.asarray(state.hist_ref), dtype=torch.float64, device=dev)
+    refs = None if state.he_ref is None or state.max_c_ref is None else \
+        (torch.as_tensor(np.asarray(state.he_ref), dtype=torch.float32, device=dev),
+         torch.as_tensor(np.asarray(state.max_c_ref), dtype=torch.float32, device=dev))
+    for sl in _chunks(batch_uint8):  # both steps per chunk, while it is in cache
+        raw = batch_uint8[sl]
+        n_pix = raw.shape[1] * raw.shape[2]
+        n_tissue = tissue_mask(raw, io=state.io, beta=state.beta).sum(dim=(1, 2))
+        chunk_ok = n_tissue >= _min_tissue_pixels(n_pix, state.min_tissue_fraction)
+        res = raw if cdf is None else _histogram_match_chunk(raw, cdf)
+        if refs is not None:
+            res, mac_ok = _macenko_chunk(res, state, *refs)
+            chunk_ok &= mac_ok
+        if not bool(chunk_ok.all()):
+            res = torch.where(chunk_ok[:, None, None, None], res, raw)
+        out[sl], ok[sl] = res, chunk_ok
     return out, ok

@@ -20,13 +20,13 @@ from uts_cli.io.export import (
 def test_csv_header_rows_and_numpy_values(tmp_path):
     path = tmp_path / "out" / "detections.csv"
     rows = [
-        {"image": "a.tif", "y": np.float32(10.5), "x": np.float32(3.25), "score": np.float64(0.9)},
+        {"image": "a.tif", "y": np.float32(10.5), "x": np.float32(0.1), "score": np.float64(0.9)},
         {"image": "b.tif", "y": 1, "x": 2, "reason": "no TP"},
     ]
     assert write_points_csv(path, rows) == 2
     lines = path.read_text().splitlines()
     assert lines[0] == "image,y,x,score,reason"
-    assert lines[1] == "a.tif,10.5,3.25,0.9,"
+    assert lines[1] == "a.tif,10.5,0.1,0.9,"
     back = list(csv.DictReader(path.open()))
     assert back[1] == {"image": "b.tif", "y": "1", "x": "2", "score": "", "reason": "no TP"}
     assert [p.name for p in path.parent.iterdir()] == ["detections.csv"]  # no temp file left
@@ -44,7 +44,8 @@ def test_geojson_points_qupath_layout(tmp_path):
     path = tmp_path / "points.geojson"
     items = [
         {"y": 12.0, "x": 340.5, "classification": "mitosis",
-         "measurements": {"score": np.float32(0.875)}, "properties": {"reason": "FP"}},
+         "measurements": {"score": np.float32(0.875)},
+         "properties": {"reason": "FP", "yx": np.array([12.0, 340.5], np.float32)}},
         {"y": np.float32(7), "x": 8, "classification": "custom", "name": "p2",
          "object_type": "detection"},
     ]
@@ -59,6 +60,7 @@ def test_geojson_points_qupath_layout(tmp_path):
     assert props["classification"] == {"name": "mitosis", "color": list(DEFAULT_COLORS["mitosis"])}
     assert props["measurements"] == {"score": 0.875}
     assert props["reason"] == "FP"
+    assert props["yx"] == [12.0, 340.5]
     assert f1["geometry"]["coordinates"] == [8.0, 7.0]
     assert f1["properties"]["objectType"] == "detection"
     assert f1["properties"]["name"] == "p2"

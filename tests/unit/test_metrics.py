@@ -190,7 +190,7 @@ def test_large_sets_are_fast():
     res = match_points(pred, true, R)
     elapsed = time.perf_counter() - t0
     _check_consistent(res, 10_000, 10_000, R)
-    assert res.tp >= 7900
+    assert res.tp >= 7800
     assert elapsed < 5.0
 
 

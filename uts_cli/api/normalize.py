@@ -258,8 +258,11 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
                 except torch.cuda.OutOfMemoryError:
                     raise ResourceError(f"out of GPU memory at batch size {cfg.batch_size}",
                                         hint="lower --batch-size or use --device cpu") from None
-                block[b:b + cfg.batch_size] = normed.cpu().numpy()
-                oks.append(ok.cpu().numpy())
+                ok = ok.cpu().numpy()
+                # Flagged patches pass through untouched: histogram matching alone would paint
+                # stain colours into empty glass.
+                block[b:b + cfg.batch_size][ok] = normed.cpu().numpy()[ok]
+                oks.append(ok)
                 reporter.advance(len(batch))
             rgb_ds[s:e] = block
             ok_ds[s:e] = np.concatenate(oks)

@@ -53,11 +53,15 @@ def prepare_cmd(
         help="Skip patches with a smaller tissue fraction (default 0 for fields, 0.2 for whole slides).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="synthetic: generator seed.")] = 0,
     min_confidence: Annotated[float, typer.Option(
-        "--min-confidence", help="MITOS14: drop points below this annotator confidence.")] = 0.0,
+        "--min-confidence", help="MITOS14: mitoses below this annotator confidence become hard negatives.")] = 0.0,
     include_unlabelled: Annotated[bool, typer.Option(
         "--include-unlabelled", help="MIDOG21: also tile the images that carry no labels (as test).")] = False,
     annotations: Annotated[Optional[Path], typer.Option(
-        "--annotations", help="folder: the points CSV (default ROOT/annotations.csv).", dir_okay=False)] = None,
+        "--annotations", help="Annotation file: folder CSV, MIDOG21 JSON or CCMCT JSON (default: inside ROOT).",
+        exists=True, dir_okay=False)] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", help="TUPAC16: folder holding mitoses_ground_truth/ (e.g. the alternative labels; default ROOT).",
+        exists=True, file_okay=False)] = None,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -72,7 +76,9 @@ def prepare_cmd(
         options["min_confidence"] = min_confidence
     elif dataset is Dataset.MIDOG21:
         options["include_unlabelled"] = include_unlabelled
-    elif dataset is Dataset.folder and annotations is not None:
+    elif dataset is Dataset.TUPAC16 and labels is not None:
+        options["labels"] = str(labels)
+    if annotations is not None and dataset in (Dataset.folder, Dataset.MIDOG21, Dataset.CCMCT):
         options["annotations"] = str(annotations)
     cfg = PrepareConfig(dataset=dataset.value, root=root, output=output, patch_size=patch_size,
                         compression=compression.value, splits_file=splits, min_tissue=min_tissue,

@@ -25,6 +25,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -425,13 +426,16 @@ def _coco_categories(path: Path, data: dict) -> dict[int, str]:
 
 
 def read_coco_points(
-    path: str | Path, category_kinds: dict[int, int], ignore_other_categories: bool = False
+    path: str | Path,
+    category_kinds: dict[int, int] | Callable[[dict[int, str]], dict[int, int]],
+    ignore_other_categories: bool = False,
 ) -> CocoPoints:
     """Read a COCO-like JSON of point annotations drawn as boxes.
 
     Args:
         path: the JSON file.
-        category_kinds: category id -> point kind (``KIND_MITOSIS`` / ``KIND_HARD_NEGATIVE``).
+        category_kinds: category id -> point kind (``KIND_MITOSIS`` / ``KIND_HARD_NEGATIVE``),
+            or a function that builds that mapping from the file's categories (id -> name).
         ignore_other_categories: skip annotations of other categories (counted in
             ``ignored``) instead of refusing them.
 
@@ -448,6 +452,8 @@ def read_coco_points(
         raise _bad(path, "(top level)", f"expected an object, found {type(data).__name__}")
     images = _coco_images(path, _list_field(path, data, "images"))
     categories = _coco_categories(path, data)
+    if callable(category_kinds):
+        category_kinds = category_kinds(categories)
     known = {image.id for image in images}
     collected: dict[int, tuple[list[tuple[float, float]], list[int]]] = {i: ([], []) for i in known}
     ignored: dict[int, int] = {}

@@ -42,10 +42,14 @@ DEFAULT_COLORS: dict[str, tuple[int, int, int]] = {
 
 def _plain(value: Any) -> Any:
     """Convert numpy scalars/arrays to builtin Python values so csv/json write them plainly."""
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        # Shortest decimal that round-trips in the narrow type: float32 0.1 is written "0.1",
+        # not "0.10000000149011612".
+        return float(str(value))
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return [_plain(v) for v in value] if value.ndim else _plain(value[()])
     return value
 
 
@@ -123,7 +127,7 @@ def point_feature(y: float, x: float, classification: str, *,
     Raises:
         InputDataError: when a coordinate or measurement is not a finite number.
     """
-    y, x = float(y), float(x)
+    y, x = float(_plain(y)), float(_plain(x))
     if not (math.isfinite(y) and math.isfinite(x)):
         raise InputDataError(f"point ({y}, {x}) has a non-finite coordinate",
                              hint="drop invalid points before export")

@@ -7,13 +7,13 @@ images (up to ``max_cached_pixels``) are decoded once and kept, which makes many
 of one HPF cheap.
 
 Pixel-format policy: **8-bit RGB only.** Every model and stain step in ``uts`` assumes H&E
-brightfield images with three 8-bit channels. Grayscale, palette-less single-channel, RGBA,
-16-bit or floating-point images are refused when the file is opened (from its header, before
-any pixels are decoded), with a message that names the file and what was found, and a hint to
-convert it, e.g. ``vips copy in.tif out.tif[compression=deflate]`` after ``vips colourspace
-... srgb`` / ``vips cast ... uchar``, or in Python ``tifffile.imwrite(out, rgb.astype("uint8"))``.
-Dropping an alpha channel or rescaling 16 bits silently could corrupt the stain statistics,
-so the user converts consciously.
+brightfield images with three 8-bit channels. Grayscale, RGBA, 16-bit or floating-point images
+(and stacks or multi-channel TIFFs) are refused when the file is opened, from its header and
+before any pixels are decoded, with a message that names the file and what was found and a
+hint how to convert it (``vips colourspace IN OUT srgb``, or the numpy expression for the
+case: drop alpha, scale 16 bits by 1/257, repeat a gray channel). We do not convert silently:
+a guessed intensity scaling or alpha blend would change the stain statistics the method
+depends on, so the user converts once, knowingly.
 
 Every failure to read an image (missing, truncated or corrupt file, a codec that needs the
 ``imagecodecs`` package, ``zarr`` not installed) raises :class:`~uts_cli.errors.InputDataError`
@@ -66,10 +66,12 @@ _DECODE_ERRORS = (
     zlib.error,
 )
 
-_CONVERT_HINT = (
-    "convert it to 8-bit RGB, for instance with `vips colourspace IN OUT srgb` then "
-    "`vips cast OUT OUT8 uchar`, or in Python: tifffile.imwrite(out, rgb.astype('uint8'))"
-)
+_CONVERT_HINT = "convert it to 8-bit RGB"
+_CONVERT_HOW = {
+    "gray": ", e.g. `vips colourspace IN OUT.tif srgb`, or np.repeat(img[..., None], 3, axis=-1)",
+    "rgba": ", e.g. in Python keep img[..., :3] (drops the alpha channel)",
+    "deep": ", e.g. `vips colourspace IN OUT.tif srgb`, or (img / 257).round().astype(np.uint8)",
+}
 
 
 def is_junk(path: str | Path) -> bool:
@@ -155,7 +157,7 @@ class ImageReader:
                 hint="read it region by region (whole-slide mode)",
             )
         with self._decoding():
-            return np.ascontiguousarray(self._read_window(0, 0, height, 0, width))
+            return self._read_whole()
 
     def read_region(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Read a full-resolution window; parts outside the image are white (255).
@@ -204,7 +206,7 @@ class ImageReader:
         lh, lw = self.level_shapes[level]
         stride = max(1, math.ceil(max(lh, lw) / max_side))
         with self._decoding():
-            rgb = np.ascontiguousarray(self._read_window(level, 0, lh, 0, lw, stride))
+            rgb = np.array(self._read_window(level, 0, lh, 0, lw, stride), dtype=np.uint8, copy=True)
         full_h, full_w = self.level_shapes[0]
         scale = 0.5 * (rgb.shape[0] / full_h + rgb.shape[1] / full_w)
         return rgb, float(scale)
@@ -213,6 +215,11 @@ class ImageReader:
         self, level: int, y0: int, y1: int, x0: int, x1: int, stride: int = 1
     ) -> np.ndarray:
         raise NotImplementedError
+
+    def _read_whole(self) -> np.ndarray:
+        """Full-resolution pixels as a new array (never the reader's cached one)."""
+        height, width, _ = self.shape
+        return np.array(self._read_window(0, 0, height, 0, width), dtype=np.uint8, copy=True)
 
     def _decoding(self) -> _DecodeGuard:
         return _DecodeGuard(self.path)
@@ -250,19 +257,21 @@ def _decode_error(path: Path, exc: BaseException) -> InputDataError:
 def _check_rgb8(path: Path, shape: tuple[int, ...], dtype: np.dtype, what: str = "") -> None:
     """Apply the pixel-format policy (module docstring) to a header's shape and dtype."""
     channels = shape[2] if len(shape) == 3 else 1
+    how = ""
     if len(shape) == 2 or (len(shape) == 3 and channels == 1):
-        found = "a grayscale (single-channel) image"
+        found, how = "a grayscale (single-channel) image", _CONVERT_HOW["gray"]
     elif len(shape) == 3 and channels == 4:
-        found = "an RGBA image (4 channels)"
+        found, how = "an RGBA image (4 channels)", _CONVERT_HOW["rgba"]
     elif len(shape) != 3 or channels != 3:
         found = f"an image of shape {tuple(shape)}{what}"
     elif np.dtype(dtype) != np.uint8:
         found = f"a {np.dtype(dtype).itemsize * 8}-bit ({np.dtype(dtype).name}) RGB image"
+        how = _CONVERT_HOW["deep"] if np.dtype(dtype) == np.uint16 else ""
     else:
         return
     raise InputDataError(
         f"{path} is {found}; uts reads 8-bit RGB (H&E brightfield) images only",
-        hint=_CONVERT_HINT,
+        hint=_CONVERT_HINT + how,
     )
 
 
@@ -367,6 +376,12 @@ class _TiffReader(ImageReader):
         self._cache = {}
         self._tif.close()
 
+    def _read_whole(self) -> np.ndarray:
+        if 0 in self._cache or 0 in self._zarr:
+            return super()._read_whole()
+        data = self._series.levels[0].asarray()
+        return np.ascontiguousarray(np.moveaxis(data, 0, -1)) if self._planar else data
+
     def _level_array(self, level: int) -> object:
         """The level's pixels: a cached numpy array (small) or a lazy zarr array (big)."""
         if level in self._cache:
@@ -437,15 +452,23 @@ class _PlainReader(ImageReader):
     def close(self) -> None:
         self._data = None
 
+    def _read_whole(self) -> np.ndarray:
+        if self._data is not None:
+            return super()._read_whole()
+        return self._decode()
+
+    def _decode(self) -> np.ndarray:
+        import imageio.v3 as iio
+
+        data = np.asarray(iio.imread(self.path))
+        _check_rgb8(self.path, data.shape, data.dtype)
+        return data
+
     def _read_window(
         self, level: int, y0: int, y1: int, x0: int, x1: int, stride: int = 1
     ) -> np.ndarray:
         if self._data is None:
-            import imageio.v3 as iio
-
-            data = np.asarray(iio.imread(self.path))
-            _check_rgb8(self.path, data.shape, data.dtype)
-            self._data = data
+            self._data = self._decode()
         return self._data[y0:y1:stride, x0:x1:stride]
 
 
@@ -478,6 +501,22 @@ def open_image(path: str | Path, max_cached_pixels: int = DEFAULT_MAX_CACHED_PIX
         f"unsupported image type {suffix or '(no suffix)'}: {path}",
         hint="use TIFF (.tif, .tiff, .svs), PNG or JPEG",
     )
+
+
+def read_header(path: str | Path) -> tuple[tuple[int, int, int], float | None]:
+    """Shape and recorded pixel size of an image, from its header only (no pixel decoding).
+
+    Args:
+        path: the image file.
+
+    Returns:
+        ``((H, W, 3), pixel_size_um or None)``.
+
+    Raises:
+        InputDataError: as :func:`open_image` (missing, corrupt, truncated, not 8-bit RGB).
+    """
+    with open_image(path) as reader:
+        return reader.shape, reader.pixel_size_um
 
 
 # Otsu on saturation is clipped to this band: glass has saturation below ~0.05 and stained

@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from uts_cli.errors import InputDataError, ResourceError, UsageError
+from uts_cli.model import cam as cam_mod
+from uts_cli.model.cam import CamNet, load_backbone_weights, upsample_cam
+
+torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("arch,n_blocks,channels", [("resnet18", 1, 64), ("resnet18", 3, 256),
+                                                    ("resnet50", 1, 256), ("resnet50", 2, 512)])
+@pytest.mark.parametrize("mode", ["instance", "embedding"])
+@pytest.mark.parametrize("aggregation", ["max", "mean"])
+def test_shapes(arch, n_blocks, channels, mode, aggregation):
+    torch.manual_seed(0)
+    net = CamNet(arch, n_blocks=n_blocks, aggregation=aggregation, mode=mode).eval()
+    assert net.out_channels == channels
+    x = net.prepare_input(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
+    with torch.no_grad():
+        logit, cam = net(x)
+    side = 64 // net.stride
+    assert logit.shape == (2,) and cam.shape == (2, 1, side, side)
+    assert upsample_cam(cam, 64).shape == (2, 1, 64, 64)
+
+
+def test_pooling_semantics():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 64, 64)
+    inst_max = CamNet(n_blocks=2, aggregation="max", mode="instance").eval()
+    with torch.no_grad():
+        logit, cam = inst_max(x)
+        torch.testing.assert_close(logit, cam.flatten(1).amax(1))
+        # Mean pooling is linear: pooling the CAM or the features gives the same logit.
+        inst_mean = CamNet(n_blocks=2, aggregation="mean", mode="instance").eval()
+        emb_mean = CamNet(n_blocks=2, aggregation="mean", mode="embedding").eval()
+        emb_mean.load_state_dict(inst_mean.state_dict())
+        torch.testing.assert_close(inst_mean(x)[0], emb_mean(x)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(inst_mean(x)[0], inst_mean(x)[1].flatten(1).mean(1))
+        # Max embedding: classifier applied to max-pooled features, not max of the CAM.
+        emb_max = CamNet(n_blocks=2, aggregation="max", mode="embedding").eval()
+        feats = emb_max.backbone(x)
+        expect = (feats.flatten(2).amax(2) * emb_max.classifier.weight.flatten()).sum(1)
+        torch.testing.assert_close(emb_max(x)[0], expect, rtol=1e-4, atol=1e-5)
+
+
+def test_upsample_align_corners_keeps_corner_values():
+    cam = torch.arange(16.0).view(1, 1, 4, 4)
+    up = upsample_cam(cam, (13, 13))
+    assert up[0, 0, 0, 0] == 0 and up[0, 0, -1, -1] == 15 and up[0, 0, 0, -1] == 3
+
+
+def test_prepare_input_scaling():
+    img = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    unit = CamNet(n_blocks=1, input_norm="unit")
+    torch.testing.assert_close(unit.prepare_input(img), img.permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(unit.prepare_input(img.permute(0, 3, 1, 2).float()), unit.prepare_input(img))
+    imnet = CamNet(n_blocks=1, input_norm="imagenet")
+    mean = torch.tensor(cam_mod.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(cam_mod.IMAGENET_STD).view(1, 3, 1, 1)
+    expect = (img.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    torch.testing.assert_close(imnet.prepare_input(img), expect, rtol=1e-5, atol=1e-5)
+    assert imnet.prepare_input(img, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_config_round_trip_and_bad_options():
+    net = CamNet("resnet18", n_blocks=2, aggregation="mean", mode="embedding", input_norm="imagenet")
+    assert CamNet.from_config(net.config()).config() == net.config()
+    with pytest.raises(UsageError):
+        CamNet("vgg16")
+    with pytest.raises(UsageError):
+        CamNet(n_blocks=5)
+    with pytest.raises(UsageError):
+        CamNet(aggregation="lse")
+
+
+def test_imagenet_weights_absent_is_resource_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ResourceError) as err:
+        load_backbone_weights(CamNet(n_blocks=1), "imagenet")
+    assert err.value.exit_code == 4
+    assert "resnet18-f37072fd.pth" in err.value.message
+    assert "--weights PATH" in err.value.hint and "--weights none" in err.value.hint
+
+
+def test_imagenet_weights_from_cache(tmp_path, monkeypatch):
+    from torchvision.models import resnet18
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    torch.manual_seed(1)
+    ref = resnet18(weights=None)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(ref.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    net = CamNet(n_blocks=2)
+    n = load_backbone_weights(net, "imagenet")
+    assert n == len(net.backbone.state_dict())
+    torch.testing.assert_close(net.backbone.layer2[0].conv1.weight, ref.layer2[0].conv1.weight)
+
+
+def test_weights_path_round_trip(tmp_path):
+    torch.manual_seed(0)
+    src = CamNet(n_blocks=2).eval()
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    dst = CamNet(n_blocks=2).eval()
+    assert load_backbone_weights(dst, path) == len(src.state_dict())  # backbone + head
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x)[1], src(x)[1])
+    # A uts checkpoint holding the state dict under "model" loads too.
+    torch.save({"format": "uts-checkpoint", "model": src.state_dict()}, tmp_path / "ck.pt")
+    assert load_backbone_weights(CamNet(n_blocks=2), tmp_path / "ck.pt") > 0
+    assert load_backbone_weights(CamNet(n_blocks=2), "none") == 0
+
+
+def test_weights_path_mismatch_errors(tmp_path):
+    torch.save(CamNet("resnet50", n_blocks=1).state_dict(), tmp_path / "r50.pt")
+    with pytest.raises(InputDataError, match="shape"):
+        load_backbone_weights(CamNet("resnet18", n_blocks=1), tmp_path / "r50.pt")
+    torch.save(CamNet(n_blocks=1).state_dict(), tmp_path / "shallow.pt")
+    with pytest.raises(InputDataError, match="lacks"):
+        load_backbone_weights(CamNet(n_blocks=2), tmp_path / "shallow.pt")
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(InputDataError, match="no resnet18 backbone"):
+        load_backbone_weights(CamNet(n_blocks=1), tmp_path / "foreign.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(InputDataError, match="cannot load"):
+        load_backbone_weights(CamNet(n_blocks=1), tmp_path / "junk.pt")
+    with pytest.raises(InputDataError, match="not found"):
+        load_backbone_weights(CamNet(n_blocks=1), tmp_path / "missing.pt")

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+
+from uts_cli.errors import InputDataError, UsageError
+from uts_cli.io.rundir import HISTORY_FIELDS, RunDir
+from uts_cli.plots import plot_history
+
+
+def test_create_refuses_existing_run_without_overwrite(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    run.write_config({"a": 1})
+    with pytest.raises(UsageError) as err:
+        RunDir(tmp_path / "r").create()
+    assert err.value.exit_code == 2 and "--resume" in err.value.hint and "--overwrite" in err.value.hint
+    RunDir(tmp_path / "r").create(overwrite=True)
+    assert not (tmp_path / "r" / "config.json").exists()
+    assert (tmp_path / "r").is_dir() and not any((tmp_path / "r").iterdir())
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("precious")
+    with pytest.raises(UsageError, match="does not look like"):
+        RunDir(tmp_path / "home").create(overwrite=True)
+    assert (tmp_path / "home" / "thesis.tex").exists()
+    RunDir(tmp_path / "empty").create()  # new or empty is fine
+    RunDir(tmp_path / "empty").create()
+
+
+def test_open_existing_errors(tmp_path):
+    with pytest.raises(InputDataError) as err:
+        RunDir(tmp_path / "nope").open_existing()
+    assert err.value.exit_code == 3 and err.value.hint
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(InputDataError, match="no config.json"):
+        RunDir(tmp_path / "bare").open_existing()
+
+
+def test_config_and_metrics_json(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    run.write_config({"b": 2, "a": [1, 2]})
+    assert run.read_config() == {"a": [1, 2], "b": 2}
+    assert json.loads(run.config_path.read_text()) == {"a": [1, 2], "b": 2}
+    run.write_metrics({"status": "complete"})
+    assert run.read_metrics()["status"] == "complete"
+    assert run.open_existing().path == run.path
+
+
+def test_history_append_read_truncate(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    assert run.read_history() == []
+    for e in (1, 2, 3):
+        run.append_history({"epoch": e, "train_loss": 1.0 / e, "val_f1": None, "lr": 1e-4})
+    rows = run.read_history()
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[1]["train_loss"] == 0.5 and rows[0]["val_f1"] is None and rows[0]["timestamp"]
+    assert run.history_path.read_text().splitlines()[0] == ",".join(HISTORY_FIELDS)
+    assert run.truncate_history(2) == 2
+    assert [r["epoch"] for r in run.read_history()] == [1, 2]
+    with pytest.raises(ValueError):
+        run.append_history({"epoch": 3, "bogus": 1})
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    with pytest.raises(InputDataError) as err:
+        run.load_checkpoint("last")
+    assert "--resume" in err.value.hint
+    state = {"format": "uts-checkpoint", "version": 1, "model": {"w": torch.arange(3.0)}, "epoch": 2,
+             "rng": torch.get_rng_state(), "params": {"lr": 1e-4, "size": (1, 2)}, "val_f1": None}
+    path = run.save_checkpoint("last", state)
+    assert path == run.checkpoint_path("last") and not list(run.checkpoint_dir.glob("*.tmp"))
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["model"]["w"], torch.arange(3.0)) and loaded["epoch"] == 2
+    assert run.load_checkpoint("last")["params"]["lr"] == 1e-4
+    run.checkpoint_path("best").write_bytes(b"garbage")
+    with pytest.raises(InputDataError, match="cannot load"):
+        run.load_checkpoint("best")
+    torch.save({"x": 1}, run.checkpoint_path("best"))
+    with pytest.raises(InputDataError, match="not a uts checkpoint"):
+        run.load_checkpoint("best")
+    with pytest.raises(InputDataError, match="run directory not found"):
+        RunDir(tmp_path / "missing").load_checkpoint("best")
+
+
+def test_log_appends_lines(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    run.log("first")
+    run.log("second")
+    lines = run.log_path.read_text().splitlines()
+    assert len(lines) == 2 and lines[1].endswith("second")
+
+
+def test_plot_history(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    for e in (1, 2):
+        run.append_history({"epoch": e, "train_loss": 0.7 / e, "loss_ce": 0.7 / e, "val_loss": 0.6,
+                            "val_f1": 0.5 + 0.1 * e, "val_precision": 0.5, "val_recall": 0.9})
+    out = plot_history(run.history_path, run.path / "history.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    with pytest.raises(InputDataError):
+        plot_history(tmp_path / "none.csv", tmp_path / "x.png")

@@ -1,0 +1,246 @@
+"""The built-in synthetic dataset: files, determinism, label noise, atomicity, discovery."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.color import rgb2hed
+
+from uts_cli.datasets import _render, synthetic
+from uts_cli.datasets.base import KIND_HARD_NEGATIVE, KIND_MITOSIS
+from uts_cli.datasets.synthetic import SyntheticSpec, discover, generate
+from uts_cli.errors import UsageError
+
+# Tiny but with enough objects that the noise fractions bite: 3 cases x 3 fields of 256 px.
+TINY = SyntheticSpec(n_cases=3, fields_per_case=3, field_size=256, mitoses_per_field=2.5,
+                     lookalikes_per_field=3.0, label_noise_fp=0.5, label_noise_fn=0.3,
+                     val_cases=1, test_cases=1, seed=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("synth") / "synthetic", TINY)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def keyed(rows, label=None) -> set[tuple[str, str, str]]:
+    return {(r["image"], r["x"], r["y"]) for r in rows if label is None or r["label"] == label}
+
+
+def test_files_and_counts_match_manifest(tiny_root):
+    manifest = json.loads((tiny_root / "dataset.json").read_text())
+    assert manifest["complete"] is True
+    assert manifest["spec"] == asdict(TINY)
+    assert manifest["pixel_size_um"] == 0.25
+    images = tiny_root / "images"
+    tifs = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.tif"))
+    assert tifs == [f"case0{c}/f0{f}.tif" for c in (1, 2, 3) for f in (1, 2, 3)]
+    counts = manifest["counts"]
+    truth = read_rows(tiny_root / "truth.csv")
+    ann = read_rows(tiny_root / "annotations.csv")
+    assert counts["fields"] == len(tifs) == 9
+    assert counts["mitoses"] == len(keyed(truth, "mitosis")) > 0
+    assert counts["lookalikes"] == len(keyed(truth, "hard_negative")) > 0
+    assert counts["annotated"] == len(ann)
+    assert {r["label"] for r in ann} == {"mitosis"}
+    assert sum(counts["splits"][s]["mitoses"] for s in ("train", "val", "test")) == counts["mitoses"]
+    assert list(read_rows(tiny_root / "annotations.csv")[0]) == ["image", "x", "y", "label"]
+    splits = read_rows(tiny_root / "splits.csv")
+    assert sorted(r["split"] for r in splits) == ["test", "train", "val"]
+    assert not list(tiny_root.parent.glob(".synthetic.partial-*"))
+
+
+def test_images_are_rgb_uint8_with_resolution(tiny_root):
+    path = next((tiny_root / "images").rglob("*.tif"))
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        img = page.asarray()
+        assert page.resolution == pytest.approx((40000.0, 40000.0))
+        assert page.resolutionunit == tifffile.RESUNIT.CENTIMETER
+    assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+
+
+def test_val_test_annotations_are_the_truth_and_train_is_noisy(tiny_root):
+    splits = {r["case"]: r["split"] for r in read_rows(tiny_root / "splits.csv")}
+    truth = read_rows(tiny_root / "truth.csv")
+    ann = read_rows(tiny_root / "annotations.csv")
+
+    def of(rows, split):
+        return [r for r in rows if splits[r["image"].split("/")[0]] == split]
+
+    for split in ("val", "test"):
+        assert keyed(of(ann, split)) == keyed(of(truth, split), "mitosis")
+        assert len(of(truth, split)) > 0
+    train_ann = keyed(of(ann, "train"))
+    train_mit = keyed(of(truth, "train"), "mitosis")
+    train_look = keyed(of(truth, "train"), "hard_negative")
+    fp = train_ann & train_look
+    missed = train_mit - train_ann
+    assert train_ann <= train_mit | train_look
+    assert len(fp) == round(TINY.label_noise_fp * len(train_look)) > 0
+    assert len(missed) == round(TINY.label_noise_fn * len(train_mit)) > 0
+    manifest = json.loads((tiny_root / "dataset.json").read_text())
+    assert manifest["counts"]["splits"]["train"]["annotated_lookalikes"] == len(fp)
+    assert manifest["counts"]["splits"]["train"]["missed_mitoses"] == len(missed)
+
+
+def test_points_inside_apart_and_on_haematoxylin(tiny_root):
+    rows = read_rows(tiny_root / "truth_objects.csv")
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], []).append(r)
+    yy, xx = np.mgrid[:256, :256]
+    for image, objs in by_image.items():
+        h = rgb2hed(tifffile.imread(tiny_root / "images" / image))[..., 0]
+        yx = np.array([(float(o["y"]), float(o["x"])) for o in objs])
+        assert ((yx >= 0) & (yx <= 255)).all()
+        d = np.hypot(*(yx[:, None] - yx[None]).transpose(2, 0, 1)) + np.eye(len(yx)) * 1e3
+        assert d.min() >= 40
+        dist = np.hypot(yy[None] - yx[:, 0, None, None], xx[None] - yx[:, 1, None, None])
+        # Reference: the darkest ordinary nuclei, away from mitoses and look-alikes.
+        ordinary = np.percentile(h[dist.min(axis=0) > 30], 99.5)
+        median = np.median(h)
+        for o, r in zip(objs, dist):
+            # Anaphase/telophase centroids lie between the chromosome sets, so look around.
+            peak = h[r <= 14].max()
+            assert peak > (1.2 if o["label"] == "mitosis" else 1.0) * ordinary, (image, o)
+            if o["subtype"] in ("prophase", "prometaphase", "metaphase", "pyknotic"):
+                assert h[r <= 3].mean() > 5 * median, (image, o)
+
+
+def test_renderer_mitoses_are_dark():
+    """Checks the renderer directly: chromatin is far darker than background tissue."""
+    rng = np.random.default_rng(0)
+    rgb, objs = _render.render_field(rng, 256, _render.case_stain(rng), 3, 0, edge=False)
+    grey = rgb.mean(axis=2)
+    for o in objs:
+        y, x = int(round(o.y)), int(round(o.x))
+        assert grey[max(y - 14, 0):y + 15, max(x - 14, 0):x + 15].min() < 0.5 * np.median(grey)
+
+
+def test_near_white_area_exists(tiny_root):
+    fractions = []
+    for path in sorted((tiny_root / "images").rglob("*.tif")):
+        rgb = tifffile.imread(path)
+        fractions.append(float((rgb.min(axis=2) > 215).mean()))
+    assert max(fractions) > 0.3  # a tissue-edge field with bare glass
+    assert min(fractions) < 0.3
+
+
+def test_same_seed_is_byte_identical_and_other_seed_differs(tiny_root, tmp_path):
+    small = replace(TINY, fields_per_case=1)
+    a = generate(tmp_path / "a", small)
+    b = generate(tmp_path / "b", small)
+    c = generate(tmp_path / "c", replace(small, seed=6))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) >= 3 + 5
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert (a / "images/case01/f01.tif").read_bytes() != (c / "images/case01/f01.tif").read_bytes()
+    assert (a / "truth.csv").read_bytes() != (c / "truth.csv").read_bytes()
+    # Fields do not depend on how many fields or cases the spec asks for.
+    assert (a / "images/case01/f01.tif").read_bytes() == (tiny_root / "images/case01/f01.tif").read_bytes()
+
+
+def test_generation_is_atomic(tmp_path, monkeypatch):
+    calls = []
+    real = _render.render_field
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_render, "render_field", flaky)
+    root = tmp_path / "ds"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        generate(root, TINY)
+    assert not root.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_dataset_is_reused_or_refused(tiny_root, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("should not render")
+
+    monkeypatch.setattr(_render, "render_field", boom)
+    assert generate(tiny_root, TINY) == tiny_root
+    with pytest.raises(UsageError) as exc:
+        generate(tiny_root, replace(TINY, seed=9))
+    assert "--root" in exc.value.hint
+
+
+def test_existing_non_dataset_folder_is_refused(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError):
+        generate(tmp_path / "ds", TINY)
+    assert (tmp_path / "ds" / "notes.txt").read_text() == "mine"
+
+
+def test_spec_validation():
+    with pytest.raises(UsageError):
+        SyntheticSpec(n_cases=2, val_cases=1, test_cases=1)
+    with pytest.raises(UsageError):
+        SyntheticSpec(label_noise_fp=1.5)
+    with pytest.raises(UsageError):
+        SyntheticSpec(field_size=64)
+    with pytest.raises(UsageError):
+        SyntheticSpec(mitoses_per_field=-1)
+
+
+def test_discover_lists_images_with_truth(tiny_root):
+    listing = discover(tiny_root)
+    assert listing.name == "synthetic"
+    assert len(listing.images) == 9
+    splits = {r["case"]: r["split"] for r in read_rows(tiny_root / "splits.csv")}
+    truth = read_rows(tiny_root / "truth.csv")
+    ann = read_rows(tiny_root / "annotations.csv")
+    n_points = n_truth = 0
+    for im in listing.images:
+        assert im.path.is_file() and im.path.is_absolute()
+        assert im.image_id == f"{im.case_id}/{im.path.stem}"
+        assert im.split == splits[im.case_id]
+        assert im.pixel_size_um == 0.25
+        assert im.points_yx.dtype == np.float32 and im.points_yx.shape[1] == 2
+        assert (im.kinds == KIND_MITOSIS).all()
+        assert im.truth_yx is not None and im.truth_kinds is not None
+        assert set(np.unique(im.truth_kinds)) <= {KIND_MITOSIS, KIND_HARD_NEGATIVE}
+        n_points += len(im.points_yx)
+        n_truth += len(im.truth_yx)
+        if im.split != "train":
+            mit = im.truth_yx[im.truth_kinds == KIND_MITOSIS]
+            assert sorted(map(tuple, im.points_yx.tolist())) == sorted(map(tuple, mit.tolist()))
+    assert n_points == len(ann) and n_truth == len(truth)
+    first = next(r for r in truth if r["image"] == "case01/f01.tif")
+    im = next(i for i in listing.images if i.image_id == "case01/f01")
+    assert im.truth_yx[0].tolist() == pytest.approx([float(first["y"]), float(first["x"])])
+
+
+def test_discover_generates_missing_root_and_checks_spec(tmp_path):
+    root = tmp_path / "gen"
+    options = {**asdict(TINY), "fields_per_case": 1, "seed": 11}
+    listing = discover(root, **options)
+    assert len(listing.images) == 3
+    assert json.loads((root / "dataset.json").read_text())["spec"]["seed"] == 11
+    assert len(discover(root).images) == 3  # no options: whatever is there
+    assert len(discover(root, seed=11, splits_file=None).images) == 3
+    with pytest.raises(UsageError) as exc:
+        discover(root, seed=12)
+    assert "seed" in exc.value.message
+    with pytest.raises(UsageError):
+        discover(root, colour="blue")
+
+
+def test_default_root_is_local_data():
+    assert synthetic.DEFAULT_ROOT == Path("local_data/datasets/synthetic")

@@ -1,0 +1,233 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_tiny_store
+from uts_cli import devices
+from uts_cli.data import only_one_mitosis
+from uts_cli.errors import InputDataError, Interrupted, ResourceError, UsageError
+from uts_cli.io.rundir import RunDir
+from uts_cli.io.store import PatchStore
+from uts_cli.model.cam import CamNet
+from uts_cli.model.predict import bn_adaptation, load_run_model, predict_patches, predict_scores
+from uts_cli.model.train import (TrainParams, extended_log_barrier, fit, location_loss,
+                                 soft_centroid)
+
+torch.set_num_threads(2)
+CPU = torch.device("cpu")
+FIELDS_COMPARED = ("epoch", "train_loss", "loss_ce", "loss_location", "val_f1", "threshold", "n_train_samples")
+
+
+def params(**kw):
+    base = dict(epochs=2, batch_size=4, workers=0, steps_per_epoch=3, lr=1e-3, location="lb", seed=3)
+    base.update(kw)
+    return TrainParams(**base)
+
+
+def model():
+    torch.manual_seed(0)
+    return CamNet(n_blocks=2)
+
+
+def train(store, run_path, p, resume=False, **kw):
+    run = RunDir(run_path).open_existing() if resume else RunDir(run_path).create()
+    return fit(model(), store, only_one_mitosis(store), store.indices("val"), p, run, device=CPU,
+               resume=resume, handle_sigint=False, **kw)
+
+
+def rows(run_path):
+    return [{k: r[k] for k in FIELDS_COMPARED} for r in RunDir(run_path).read_history()]
+
+
+def assert_same_rows(a, b):
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in FIELDS_COMPARED:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+            else:
+                assert ra[k] == rb[k], k
+
+
+@pytest.fixture
+def store(tiny_store):
+    return PatchStore(tiny_store)
+
+
+def test_fit_writes_run(store, tmp_path):
+    result = train(store, tmp_path / "run", params())
+    run = RunDir(tmp_path / "run")
+    assert result.status == "complete" and result.epochs_done == 2
+    hist = run.read_history()
+    assert [r["epoch"] for r in hist] == [1, 2]
+    assert all(r["n_train_samples"] == 12 and r["samples_per_s"] > 0 for r in hist)
+    assert all(0 <= r["val_f1"] <= 1 and r["loss_location"] is not None for r in hist)
+    cfg = run.read_config()
+    assert cfg["model"]["n_blocks"] == 2 and cfg["train"]["epochs"] == 2 and cfg["store"]["uuid"] == store.uuid
+    for name in ("last", "best"):
+        ck = torch.load(run.checkpoint_path(name), weights_only=True)
+        assert ck["format"] == "uts-checkpoint" and ck["store_uuid"] == store.uuid
+    last = torch.load(run.checkpoint_path("last"), weights_only=True)
+    assert last["epoch"] == 2 and last["step_in_epoch"] == 0
+    best_epoch = max(hist, key=lambda r: (r["val_f1"], r["epoch"]))["epoch"]  # ties -> later epoch
+    assert result.best_epoch == best_epoch
+    metrics = run.read_metrics()
+    assert metrics["status"] == "complete" and metrics["best_epoch"] == best_epoch
+    net, info = load_run_model(run, "best")
+    assert info["epoch"] == best_epoch and info["threshold"] == pytest.approx(hist[best_epoch - 1]["threshold"])
+    probs = predict_scores(net, store, store.indices("test"), CPU, batch_size=3)
+    assert probs.shape == (len(store.indices("test")),) and ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_resume_continues_without_gaps(store, tmp_path):
+    train(store, tmp_path / "straight", params(epochs=3))
+    train(store, tmp_path / "split", params(epochs=2))
+    result = train(store, tmp_path / "split", params(epochs=3), resume=True)
+    assert result.epochs_done == 3
+    assert_same_rows(rows(tmp_path / "split"), rows(tmp_path / "straight"))
+    # Resuming a finished run trains nothing more.
+    again = train(store, tmp_path / "split", params(epochs=3), resume=True)
+    assert [r["epoch"] for r in again.history] == [1, 2, 3]
+
+
+def test_ctrl_c_saves_loadable_last_and_resume_matches(store, tmp_path):
+    def interrupt(info):
+        if info.epoch == 2 and info.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as err:
+        train(store, tmp_path / "run", params(epochs=3), on_step=interrupt)
+    assert err.value.exit_code == 130 and "--resume" in err.value.hint
+    run = RunDir(tmp_path / "run")
+    ck = torch.load(run.checkpoint_path("last"), weights_only=True)
+    assert ck["epoch"] == 1 and ck["step_in_epoch"] == 2
+    assert run.read_metrics()["status"] == "interrupted"
+    assert [r["epoch"] for r in run.read_history()] == [1]
+    net = CamNet.from_config(ck["model_config"])
+    net.load_state_dict(ck["model"])
+
+    train(store, tmp_path / "run", params(epochs=3), resume=True)
+    train(store, tmp_path / "straight", params(epochs=3))
+    assert_same_rows(rows(tmp_path / "run"), rows(tmp_path / "straight"))
+
+
+def test_stop_callback_interrupts(store, tmp_path):
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    with pytest.raises(Interrupted):
+        train(store, tmp_path / "run", params(), stop=stop)
+    assert torch.load(RunDir(tmp_path / "run").checkpoint_path("last"), weights_only=True)["step_in_epoch"] == 2
+
+
+def test_resume_errors(store, tmp_path):
+    RunDir(tmp_path / "empty").create().write_config({})
+    with pytest.raises(InputDataError, match="checkpoint not found"):
+        train(store, tmp_path / "empty", params(), resume=True)
+    train(store, tmp_path / "run", params(epochs=1))
+    other = PatchStore(write_tiny_store(tmp_path / "other.h5", seed=1))
+    with pytest.raises(InputDataError, match="trained on store"):
+        fit(model(), other, only_one_mitosis(other), other.indices("val"), params(), RunDir(tmp_path / "run"),
+            device=CPU, resume=True, handle_sigint=False)
+
+
+def test_training_set_checks(store, tmp_path):
+    neg = np.flatnonzero(store.label == 0)
+    with pytest.raises(InputDataError, match="no positive"):
+        fit(model(), store, neg, [], params(), RunDir(tmp_path / "a").create(), device=CPU)
+    with pytest.raises(InputDataError, match="no training patches"):
+        fit(model(), store, [], [], params(), RunDir(tmp_path / "b").create(), device=CPU)
+    with pytest.raises(UsageError):
+        fit(model(), store, neg, [], params(location="l1"), RunDir(tmp_path / "c").create(), device=CPU)
+
+
+def test_no_validation_set_keeps_last_as_best(store, tmp_path):
+    result = train_no_val = fit(model(), store, only_one_mitosis(store), [], params(location="none"),
+                                RunDir(tmp_path / "r").create(), device=CPU, handle_sigint=False)
+    assert train_no_val.best_epoch == 2 and result.best_val_f1 is None and result.best_threshold == 0.5
+
+
+def test_soft_centroid_and_location_losses():
+    cam = torch.full((2, 1, 8, 8), -5.0)
+    cam[0, 0, 2, 5] = 5.0
+    cam[1, 0, 6, 1] = 5.0
+    c = soft_centroid(cam, (36, 36), temperature=10.0)
+    # align_corners=True: feature cell (i, j) sits at input pixel (i, j) * 35 / 7 = 5 * (i, j).
+    torch.testing.assert_close(c, torch.tensor([[10.0, 25.0], [30.0, 5.0]]), atol=0.5, rtol=0)
+    points = torch.tensor([[[10.0, 25.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, False], [False, False]])
+    loss, n = location_loss(cam, points, mask, torch.tensor([1.0, 1.0]), (36, 36), "l2")
+    assert n == 1 and float(loss) < 0.5
+    loss, n = location_loss(cam, points, mask, torch.tensor([0.0, 1.0]), (36, 36), "l2")
+    assert n == 0 and float(loss) == 0.0
+    lb, _ = location_loss(cam, points, mask, torch.tensor([1.0, 0.0]), (36, 36), "lb", margin=40, tlb=50)
+    assert float(lb) == pytest.approx(-math.log(40) / 50, rel=0.01)
+
+
+def test_extended_log_barrier():
+    t = 5.0
+    z = torch.tensor([-2.0, -1 / t**2, 0.0, 1.0])
+    v = extended_log_barrier(z, t)
+    assert float(v[0]) == pytest.approx(-math.log(2.0) / t)
+    eps = 1e-6
+    left = extended_log_barrier(torch.tensor([-1 / t**2 - eps], dtype=torch.float64), t)
+    right = extended_log_barrier(torch.tensor([-1 / t**2 + eps], dtype=torch.float64), t)
+    assert float(left) == pytest.approx(float(right), abs=1e-4)   # continuous at the switch
+    assert float(v[3] - v[2]) == pytest.approx(t)                  # linear with slope t beyond it
+
+
+def test_predict_cams_and_bn_adaptation(store):
+    net = model()
+    idx = store.indices("val")
+    batches = list(predict_patches(net, store, idx, CPU, batch_size=3, want_cam=True))
+    assert np.concatenate([b.indices for b in batches]).tolist() == idx.tolist()
+    cams = batches[0].cams
+    assert cams.dtype == np.float16 and cams.shape == (3, 64, 64) and 0 <= cams.min() and cams.max() <= 1
+    # Image probability of max pooling = the CAM's maximum at feature resolution.
+    assert batches[0].probs.max() <= float(cams.max()) + 1e-2
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    adapted = predict_scores(net, store, idx, CPU, batch_size=4, bn_adapt=True)
+    plain = predict_scores(net, store, idx, CPU, batch_size=4)
+    assert not np.allclose(adapted, plain)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with bn_adaptation(net):
+        assert net.backbone.bn1.training and not net.backbone.bn1.track_running_stats
+    assert net.backbone.bn1.track_running_stats
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.resolve_device("auto") == CPU
+    assert devices.resolve_device("CPU") == CPU
+    with pytest.raises(ResourceError) as err:
+        devices.resolve_device("cuda")
+    assert err.value.exit_code == 4 and "is_available() is False" in err.value.message
+    assert "--device cpu" in err.value.hint
+    with pytest.raises(UsageError):
+        devices.resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert devices.resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ResourceError) as err:
+        devices.resolve_device("cuda:3")
+    assert "CUDA_VISIBLE_DEVICES" in err.value.hint
+
+
+def test_amp_policy_and_threads(monkeypatch):
+    assert not devices.resolve_amp("auto", CPU).enabled
+    assert devices.resolve_amp("bf16", CPU).dtype == torch.bfloat16
+    with pytest.raises(UsageError):
+        devices.resolve_amp("fp16", CPU)
+    with pytest.raises(UsageError):
+        devices.resolve_amp("fp8", CPU)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    torch.set_num_threads(1)
+    assert devices.configure_cpu_threads() == 1          # an explicit lower setting is kept
+    assert devices.configure_cpu_threads(2) == 2

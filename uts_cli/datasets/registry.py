@@ -1,0 +1,85 @@
+"""Dataset names -> readers; every reader returns a :class:`DatasetListing`.
+
+Readers are imported when used, so listing the names costs nothing and the ``synthetic``
+reader (its own module) is only needed when asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+from uts_cli.datasets.base import DatasetListing
+from uts_cli.datasets.splits import apply_splits, read_splits_file
+from uts_cli.errors import UsageError
+
+DATASET_NAMES = ("TUPAC16", "MIDOG21", "MITOS14", "CCMCT", "folder", "synthetic")
+
+_MODULES = {
+    "TUPAC16": "uts_cli.datasets.tupac16",
+    "MIDOG21": "uts_cli.datasets.midog21",
+    "MITOS14": "uts_cli.datasets.mitos14",
+    "CCMCT": "uts_cli.datasets.ccmct",
+    "folder": "uts_cli.datasets.folder",
+    "synthetic": "uts_cli.datasets.synthetic",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The spelling in ``DATASET_NAMES`` of a case-insensitive dataset name.
+
+    Raises:
+        UsageError: unknown name (the message lists the known ones).
+    """
+    for known in DATASET_NAMES:
+        if known.lower() == name.strip().lower():
+            return known
+    raise UsageError(f"unknown dataset {name!r}", hint=f"choose one of: {', '.join(DATASET_NAMES)}")
+
+
+def default_root(name: str) -> Path:
+    """Default raw-data folder of a dataset: ``local_data/datasets/<NAME>`` (relative to cwd)."""
+    return Path("local_data") / "datasets" / canonical_name(name)
+
+
+def discover(
+    name: str, root: str | Path | None = None, splits: str | Path | None = None, **options: object
+) -> DatasetListing:
+    """Scan a raw dataset folder with the reader for ``name``.
+
+    Args:
+        name: one of ``DATASET_NAMES`` (any case).
+        root: the dataset folder; default :func:`default_root`.
+        splits: optional ``case,split`` CSV applied after the reader's own rules (and after
+            ``<root>/splits.csv``); an unknown case in it is an error.
+        **options: reader options, e.g. ``annotations=``, ``labels=``, ``min_confidence=``,
+            ``include_unlabelled=``.
+
+    Returns:
+        The dataset listing.
+
+    Raises:
+        UsageError: unknown dataset name or an option the reader does not take.
+        InputDataError: as raised by the reader (missing/malformed data).
+    """
+    canonical = canonical_name(name)
+    module = importlib.import_module(_MODULES[canonical])
+    reader = module.discover
+    _check_options(canonical, reader, options)
+    listing = reader(Path(root) if root is not None else default_root(canonical), **options)
+    if splits is not None:
+        apply_splits(listing, read_splits_file(splits), strict=True, source=str(splits))
+    return listing
+
+
+def _check_options(name: str, reader: object, options: dict[str, object]) -> None:
+    parameters = inspect.signature(reader).parameters  # type: ignore[arg-type]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [p for p in parameters if p != "root"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UsageError(
+            f"dataset {name} does not take option(s) {', '.join(unknown)}",
+            hint=f"{name} options: {', '.join(accepted) or 'none'}",
+        )

@@ -1,0 +1,83 @@
+"""Hard-sample distillation: which training samples the teacher disagrees with (numpy only).
+
+METHOD.md section 5: a sample whose thresholded image-level prediction differs from its label is
+removed; among the remaining positives the ``--filter`` criterion looks at localization:
+
+* ``TP``    drop a positive without any true-positive detection (the original's default),
+* ``FP``    drop any patch with a false-positive detection,
+* ``FP_TP`` keep only perfect positives (at least one TP, no FP, no FN).
+
+With ``pseudolabel`` nothing is removed: the labels are replaced by the teacher's decision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from uts_cli.errors import UsageError
+
+FILTERS = ("TP", "FP", "FP_TP")
+KEEP = ""
+REASONS = {
+    "image_fp": "teacher calls a patch without annotated mitosis positive",
+    "image_fn": "teacher calls a patch with an annotated mitosis negative",
+    "no_tp": "no teacher detection on the annotated mitosis",
+    "has_fp": "teacher detection away from every annotated mitosis",
+    "not_perfect": "teacher localization not perfect (TP, FP and FN checked)",
+}
+
+
+@dataclass
+class Decision:
+    """Per-sample outcome of the filter.
+
+    Attributes:
+        keep: (N,) bool, the sample stays in the student's training set.
+        reason: (N,) str, a key of ``REASONS`` for removed samples, "" for kept ones.
+        label: (N,) uint8, the label the student trains with (changed only by pseudo-labelling).
+    """
+
+    keep: np.ndarray
+    reason: np.ndarray
+    label: np.ndarray
+
+
+def decide(labels: np.ndarray, probs: np.ndarray, threshold: float, tp: np.ndarray, fp: np.ndarray,
+           fn: np.ndarray, criterion: str = "TP", pseudolabel: bool = False) -> Decision:
+    """Apply the disagreement filter to teacher predictions.
+
+    Args:
+        labels: (N,) annotated weak labels (0/1).
+        probs: (N,) teacher image-level probabilities.
+        threshold: the teacher's image-level threshold (``prob >= threshold`` is positive).
+        tp, fp, fn: (N,) per-patch localization counts of the teacher against the annotations
+            (only read for samples that are positive in both label and prediction).
+        criterion: one of ``FILTERS``.
+        pseudolabel: relabel instead of removing.
+
+    Returns:
+        The decision per sample.
+
+    Raises:
+        UsageError: unknown criterion.
+    """
+    if criterion not in FILTERS:
+        raise UsageError(f"unknown filter {criterion!r}", hint=f"use one of {', '.join(FILTERS)}")
+    labels = np.asarray(labels).astype(np.uint8)
+    pred = (np.asarray(probs) >= threshold).astype(np.uint8)
+    tp, fp, fn = (np.asarray(a) for a in (tp, fp, fn))
+    reason = np.full(len(labels), KEEP, dtype=object)
+    reason[(pred == 1) & (labels == 0)] = "image_fp"
+    reason[(pred == 0) & (labels == 1)] = "image_fn"
+    both = (pred == 1) & (labels == 1)
+    if criterion == "TP":
+        reason[both & (tp == 0)] = "no_tp"
+    elif criterion == "FP":
+        reason[both & (fp > 0)] = "has_fp"
+    else:
+        reason[both & ~((tp > 0) & (fp == 0) & (fn == 0))] = "not_perfect"
+    if pseudolabel:
+        # Keep every sample; trust the teacher's image-level decision over the annotation.
+        return Decision(keep=np.ones(len(labels), bool), reason=reason.astype(str), label=pred)
+    return Decision(keep=reason == KEEP, reason=reason.astype(str), label=labels)

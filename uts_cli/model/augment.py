@@ -1,0 +1,219 @@
+"""Joint image + point augmentation, batched on the device that trains.
+
+Each sample gets one linear map ``A`` about the patch centre, composed of (in this order) a
+horizontal flip, a vertical flip, a transpose and a rotation, each drawn with its own
+probability. Pixels and points go through the very same ``A``:
+
+* samples without rotation or elastic warp are flipped/transposed by index (exact, no
+  interpolation, the cheap path);
+* the others are resampled once with ``F.affine_grid`` + ``F.grid_sample`` (bilinear), the
+  elastic displacement, when drawn, being added to the same sampling grid. Areas that come from
+  outside the patch are white, like the padding of border tiles.
+
+Coordinates: points are ``(y, x)`` pixels with pixel centres at integer coordinates. With
+``align_corners=False`` the normalised grid coordinate of pixel ``x`` is ``(2x + 1)/W - 1``, so the
+patch centre ``((W-1)/2, (H-1)/2)`` is the origin of both the pixel and the normalised frames.
+
+Elastic warp: the output pixel ``p`` shows the (affine-transformed) patch at ``p + d(p)``, with ``d``
+a smooth random field (gaussian-smoothed white noise, scaled to a given RMS displacement). A point
+``r`` therefore moves to the ``p`` solving ``p + d(p) = r``; that inverse is approximated by three
+fixed-point steps ``p <- r - d(p)``, which converge because ``d`` is smooth (its gradient is far
+below 1), giving sub-pixel accuracy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+WHITE = 255.0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and ranges of the spatial augmentation (defaults: the method's).
+
+    Attributes:
+        p_hflip, p_vflip, p_transpose, p_rotate: per-sample probabilities of each operation.
+        angle_range: rotation angle range in degrees (uniform).
+        elastic: add the elastic warp (``--strong-augmentation``).
+        p_elastic: probability of the elastic warp when ``elastic`` is on.
+        elastic_alpha: RMS displacement of the warp, as a fraction of the patch side.
+        elastic_sigma: smoothness (gaussian sigma) of the warp, as a fraction of the patch side.
+    """
+
+    p_hflip: float = 0.5
+    p_vflip: float = 0.5
+    p_transpose: float = 0.5
+    p_rotate: float = 0.5
+    angle_range: tuple[float, float] = (-90.0, 90.0)
+    elastic: bool = False
+    p_elastic: float = 0.5
+    elastic_alpha: float = 0.02
+    elastic_sigma: float = 0.08
+
+
+class AugmentedBatch(NamedTuple):
+    """Output of :func:`augment_batch`."""
+
+    images: torch.Tensor   # float32 (B, 3, H, W), values 0..255
+    points: torch.Tensor   # float32 (B, K, 2) yx
+    mask: torch.Tensor     # bool (B, K): point valid and inside the frame
+    labels: torch.Tensor   # (B,) same dtype as the input labels, recomputed
+
+
+def _linear_maps(u: torch.Tensor, cfg: AugmentConfig) -> tuple[torch.Tensor, ...]:
+    """Per-sample flags and the 2x2 maps ``A`` acting on centred ``(x, y)`` coordinates."""
+    hflip = u[:, 0] < cfg.p_hflip
+    vflip = u[:, 1] < cfg.p_vflip
+    transpose = u[:, 2] < cfg.p_transpose
+    rotate = u[:, 3] < cfg.p_rotate
+    elastic = (u[:, 4] < cfg.p_elastic) & cfg.elastic
+    lo, hi = cfg.angle_range
+    angle = torch.where(rotate, lo + (hi - lo) * u[:, 5], torch.zeros_like(u[:, 5])) * (math.pi / 180)
+    one = torch.ones_like(angle)
+    flip = torch.diag_embed(torch.stack([torch.where(hflip, -one, one), torch.where(vflip, -one, one)], 1))
+    eye = torch.eye(2, device=u.device).expand(len(u), 2, 2)
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=u.device).expand(len(u), 2, 2)
+    trans = torch.where(transpose.view(-1, 1, 1), swap, eye)
+    c, s = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)
+    return hflip, vflip, transpose, rotate, elastic, rot @ trans @ flip
+
+
+def _gaussian_kernel(sigma: float, device) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def smooth_field(n: int, height: int, width: int, alpha_px: float, sigma_px: float,
+                 generator: torch.Generator, device) -> torch.Tensor:
+    """Random smooth displacement fields ``(n, 2, H, W)`` (dx, dy) in pixels with RMS ``alpha_px``.
+
+    White noise is drawn on a grid 4x coarser than the patch, smoothed with a separable gaussian,
+    scaled, then upsampled bilinearly (smoothing at full resolution would cost 16x more for the
+    same field).
+    """
+    factor = 4
+    h, w = max(2, math.ceil(height / factor)), max(2, math.ceil(width / factor))
+    noise = torch.randn(n, 2, h, w, generator=generator, device=device)
+    k = _gaussian_kernel(max(sigma_px / factor, 0.5), device)
+    r = (len(k) - 1) // 2
+    field = F.pad(noise.reshape(n * 2, 1, h, w), (r, r, r, r), mode="replicate")
+    field = F.conv2d(field, k.view(1, 1, 1, -1))
+    field = F.conv2d(field, k.view(1, 1, -1, 1)).reshape(n, 2, h, w)
+    rms = field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-8)
+    field = field * (alpha_px / rms)
+    return F.interpolate(field, size=(height, width), mode="bilinear", align_corners=True)
+
+
+def _to_normalised(xy: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pixel ``(x, y)`` -> grid_sample coordinates (align_corners=False)."""
+    scale = torch.tensor([2.0 / width, 2.0 / height], device=xy.device)
+    return (xy + 0.5) * scale - 1.0
+
+
+def _invert_elastic(r_xy: torch.Tensor, disp: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """Solve ``p + d(p) = r`` for points ``r (n, K, 2)`` given fields ``disp (n, 2, H, W)``."""
+    height, width = disp.shape[-2:]
+    p = r_xy
+    for _ in range(steps):
+        g = _to_normalised(p, height, width).unsqueeze(2)           # (n, K, 1, 2)
+        d = F.grid_sample(disp, g, mode="bilinear", padding_mode="border", align_corners=False)
+        p = r_xy - d[..., 0].transpose(1, 2)                       # (n, K, 2)
+    return p
+
+
+def _exact(images: torch.Tensor, hflip, vflip, transpose) -> torch.Tensor:
+    """Flips/transposes by indexing; ``images`` uint8 or float ``(b, 3, H, W)``."""
+    out = torch.where(hflip.view(-1, 1, 1, 1), images.flip(-1), images)
+    out = torch.where(vflip.view(-1, 1, 1, 1), out.flip(-2), out)
+    return torch.where(transpose.view(-1, 1, 1, 1), out.transpose(-1, -2), out)
+
+
+def augment_batch(images: torch.Tensor, points: torch.Tensor, mask: torch.Tensor,
+                  labels: torch.Tensor, generator: torch.Generator,
+                  config: AugmentConfig = AugmentConfig()) -> AugmentedBatch:
+    """Augment a batch of square patches and their points with the same random transforms.
+
+    Args:
+        images: uint8 ``(B, H, W, 3)`` on the target device (``H == W``).
+        points: float ``(B, K, 2)`` yx, patch-local pixels (padding rows arbitrary).
+        mask: bool ``(B, K)``, True for real points.
+        labels: ``(B,)`` weak labels (0/1, any numeric or bool dtype).
+        generator: a ``torch.Generator`` on the same device (reproducibility).
+        config: probabilities and ranges.
+
+    Returns:
+        An :class:`AugmentedBatch`. A point stays valid only if it lands inside the frame
+        (``-0.5 <= coord < side - 0.5``). A positive label becomes 0 when the sample had points
+        and none is left; samples without points keep their label (e.g. pseudo-labels).
+
+    Raises:
+        ValueError: non-square patches or mismatched shapes (a programming error).
+    """
+    b, height, width, ch = images.shape
+    if height != width or ch != 3:
+        raise ValueError(f"augment_batch needs square RGB patches, got {tuple(images.shape)}")
+    if points.shape[:2] != mask.shape or points.shape[0] != b:
+        raise ValueError("points (B, K, 2) and mask (B, K) do not match the batch")
+    device = images.device
+    u = torch.rand(b, 6, generator=generator, device=device)
+    hflip, vflip, transpose, rotate, elastic, a = _linear_maps(u, config)
+    chw = images.permute(0, 3, 1, 2)
+    centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], device=device)
+
+    xy = points.flip(-1).float() - centre                           # centred (x, y)
+    new_xy = xy @ a.transpose(1, 2) + centre                        # A q + c, batched
+
+    resample = rotate | elastic
+    out = torch.empty((b, 3, height, width), dtype=torch.float32, device=device)
+    cheap = torch.nonzero(~resample).flatten()
+    if len(cheap):
+        out[cheap] = _exact(chw[cheap], hflip[cheap], vflip[cheap], transpose[cheap]).float()
+    heavy = torch.nonzero(resample).flatten()
+    if len(heavy):
+        out[heavy], warped = _resample(chw[heavy], a[heavy], elastic[heavy], new_xy[heavy],
+                                       generator, config)
+        new_xy[heavy] = warped
+
+    new_points = new_xy.flip(-1)
+    lim_y, lim_x = height - 0.5, width - 0.5
+    inside = ((new_points[..., 0] >= -0.5) & (new_points[..., 0] < lim_y)
+              & (new_points[..., 1] >= -0.5) & (new_points[..., 1] < lim_x))
+    new_mask = mask & inside
+    had = mask.any(dim=1)
+    keep = ~had | new_mask.any(dim=1)
+    new_labels = (labels.bool() & keep).to(labels.dtype)
+    return AugmentedBatch(out, new_points, new_mask, new_labels)
+
+
+def _resample(chw: torch.Tensor, a: torch.Tensor, elastic: torch.Tensor, r_xy: torch.Tensor,
+              generator: torch.Generator, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample path: affine (+ elastic) resampling of ``chw (n, 3, H, W)`` uint8."""
+    n, _, height, width = chw.shape
+    device = chw.device
+    s = torch.tensor([2.0 / width, 2.0 / height], device=device)
+    # affine_grid maps output to input coordinates: inverse of A (orthogonal, so its transpose),
+    # conjugated by the pixel->normalised scaling.
+    theta2 = s.view(1, 2, 1) * a.transpose(1, 2) / s.view(1, 1, 2)
+    theta = torch.cat([theta2, torch.zeros(n, 2, 1, device=device)], dim=2)
+    grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
+    el = torch.nonzero(elastic).flatten()
+    if len(el):
+        side = float(max(height, width))
+        disp = smooth_field(len(el), height, width, cfg.elastic_alpha * side, cfg.elastic_sigma * side,
+                            generator, device)
+        disp_norm = disp * s.view(1, 2, 1, 1)
+        grid[el] = grid[el] + torch.einsum("bij,bjhw->bhwi", theta2[el], disp_norm)
+        r_xy = r_xy.clone()
+        r_xy[el] = _invert_elastic(r_xy[el], disp)
+    # Sample the inverted image with zero padding, then invert back: outside becomes white.
+    inv = WHITE - chw.float()
+    warped = F.grid_sample(inv, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return WHITE - warped, r_xy

@@ -1,0 +1,234 @@
+"""The CAM network: a truncated torchvision ResNet with a bias-free 1x1 convolution head.
+
+The backbone is the ResNet stem plus the first ``n_blocks`` residual stages, kept under their
+torchvision names (``backbone.conv1``, ``backbone.layer1`` ...) so ImageNet state dicts load by
+prefixing keys. A plain ``nn.Sequential`` is used rather than ``create_feature_extractor``: the
+truncation is a prefix of the network, and the FX graph would add nothing but tracing time.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uts_cli.errors import InputDataError, ResourceError, UsageError
+
+ARCHS = ("resnet18", "resnet50")
+AGGREGATIONS = ("max", "mean")
+MODES = ("instance", "embedding")
+INPUT_NORMS = ("unit", "imagenet")
+STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's file names for the ImageNet weights (what torch.hub would have cached).
+IMAGENET_FILES = {
+    "resnet18": ("resnet18-f37072fd.pth",),
+    "resnet50": ("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth"),
+}
+IMAGENET_URLS = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+}
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UsageError(f"unknown {name} {value!r}", hint=f"use one of: {', '.join(allowed)}")
+    return value
+
+
+class CamNet(nn.Module):
+    """ResNet up to ``layer{n_blocks}`` + 1x1 CAM head.
+
+    Args:
+        arch: ``"resnet18"`` or ``"resnet50"``.
+        n_blocks: residual stages kept (1-4; default 3 as in the method).
+        aggregation: ``"max"`` or ``"mean"`` pooling to the image logit.
+        mode: ``"instance"`` pools the CAM; ``"embedding"`` pools the features, then applies the
+            same 1x1 classifier. The CAM is computed in both modes.
+        input_norm: ``"unit"`` (pixels / 255, the original) or ``"imagenet"`` (then mean/std).
+
+    ``forward(x)`` takes the normalised float batch ``(B, 3, H, W)`` from :meth:`prepare_input`
+    and returns ``(image_logit (B,), cam_logits (B, 1, h, w))`` at feature resolution.
+    """
+
+    def __init__(self, arch: str = "resnet18", n_blocks: int = 3, aggregation: str = "max",
+                 mode: str = "instance", input_norm: str = "unit"):
+        super().__init__()
+        from torchvision import models
+
+        self.arch = _choice("architecture", arch, ARCHS)
+        self.aggregation = _choice("aggregation", aggregation, AGGREGATIONS)
+        self.mode = _choice("mode", mode, MODES)
+        self.input_norm = _choice("input normalisation", input_norm, INPUT_NORMS)
+        if not 1 <= int(n_blocks) <= 4:
+            raise UsageError(f"n_blocks must be 1..4 (got {n_blocks})", hint="the method uses 3")
+        self.n_blocks = int(n_blocks)
+        resnet = getattr(models, arch)(weights=None)
+        parts = [("conv1", resnet.conv1), ("bn1", resnet.bn1), ("relu", resnet.relu),
+                 ("maxpool", resnet.maxpool)]
+        parts += [(f"layer{i}", getattr(resnet, f"layer{i}")) for i in range(1, self.n_blocks + 1)]
+        self.backbone = nn.Sequential(OrderedDict(parts))
+        self.out_channels = STAGE_CHANNELS[arch][self.n_blocks - 1]
+        self.classifier = nn.Conv2d(self.out_channels, 1, kernel_size=1, bias=False)
+        if self.input_norm == "unit":
+            scale, shift = [1 / 255.0] * 3, [0.0] * 3
+        else:
+            scale = [1 / (255.0 * s) for s in IMAGENET_STD]
+            shift = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+        # Not persistent: derived from input_norm, so state dicts stay the same for both options.
+        self.register_buffer("_scale", torch.tensor(scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", torch.tensor(shift).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per feature-map cell."""
+        return 4 * 2 ** (self.n_blocks - 1)
+
+    def config(self) -> dict:
+        """JSON-safe constructor arguments (stored in checkpoints and ``config.json``)."""
+        return {"arch": self.arch, "n_blocks": self.n_blocks, "aggregation": self.aggregation,
+                "mode": self.mode, "input_norm": self.input_norm}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "CamNet":
+        """Build a model from :meth:`config` output (unknown keys are ignored)."""
+        keys = ("arch", "n_blocks", "aggregation", "mode", "input_norm")
+        return cls(**{k: config[k] for k in keys if k in config})
+
+    def prepare_input(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """Turn pixels into the network input.
+
+        Args:
+            images: uint8 ``(B, H, W, 3)`` or float ``(B, 3, H, W)`` with values in 0..255, on the
+                model's device.
+            channels_last: return NHWC memory format (faster convolutions on CUDA).
+
+        Returns:
+            float32 ``(B, 3, H, W)`` scaled as ``input_norm`` says.
+        """
+        if images.dtype == torch.uint8:
+            images = images.permute(0, 3, 1, 2)
+        x = images.float() * self._scale + self._shift
+        if channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    def _pool(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.flatten(2)
+        return flat.amax(dim=2) if self.aggregation == "max" else flat.mean(dim=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)
+        cam = self.classifier(features)
+        if self.mode == "instance":
+            logit = self._pool(cam)[:, 0]
+        else:
+            pooled = self._pool(features)
+            logit = F.linear(pooled, self.classifier.weight.flatten(1))[:, 0]
+        return logit, cam
+
+
+def upsample_cam(cam: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of CAM maps ``(B, 1, h, w)`` to ``size`` (align_corners=True, as the method)."""
+    if isinstance(size, int):
+        size = (size, size)
+    return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision's cache would hold the ImageNet weights for ``arch`` (the first name)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILES[arch][0]
+
+
+def _find_imagenet_file(arch: str) -> Path:
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in IMAGENET_FILES[arch]:
+        if (folder / name).is_file():
+            return folder / name
+    raise ResourceError(
+        f"ImageNet weights for {arch} are not in the torch cache: {folder / IMAGENET_FILES[arch][0]} "
+        "(uts never downloads)",
+        hint=f"download {IMAGENET_URLS[arch]} into {folder}, or pass --weights PATH / --weights none")
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise InputDataError(f"weights file not found: {path}",
+                             hint="pass an existing .pt/.pth file, --weights imagenet or --weights none")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
+        raise InputDataError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}".split("\n")[0],
+                             hint="the file must be a state dict saved with torch.save (tensors only)") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # a uts checkpoint
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputDataError(f"{path} does not hold a state dict of tensors",
+                             hint="save the weights with torch.save(model.state_dict(), PATH)")
+    return obj
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "backbone."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_backbone_weights(model: CamNet, weights: str | os.PathLike) -> int:
+    """Initialise the backbone (and the head, when the file has a matching one).
+
+    Args:
+        model: the network to initialise in place.
+        weights: ``"none"`` (keep random init), ``"imagenet"`` (torchvision's cached file only;
+            nothing is downloaded) or a path to a state dict: a torchvision ResNet, a ``CamNet``
+            state dict or a uts checkpoint. Keys beyond the truncated backbone (``layer4``,
+            ``fc``) are ignored; every backbone tensor of ``model`` must be present.
+
+    Returns:
+        The number of tensors loaded.
+
+    Raises:
+        ResourceError: ``"imagenet"`` and the file is not in the torch cache.
+        InputDataError: the file is missing, unreadable, or does not fit the model.
+    """
+    if str(weights) == "none":
+        return 0
+    if str(weights) == "imagenet":
+        path = _find_imagenet_file(model.arch)
+    else:
+        path = Path(weights)
+    state = {_strip(k): v for k, v in _read_state_dict(path).items()}
+    target = model.backbone.state_dict()
+    # Older torchvision files predate BatchNorm's num_batches_tracked counter; it is not a weight.
+    required = [k for k in target if not k.endswith("num_batches_tracked")]
+    missing = [k for k in required if k not in state]
+    if len(missing) == len(required):
+        raise InputDataError(f"no {model.arch} backbone weights found in {path}",
+                             hint=f"expected keys like {next(iter(target))!r}; check --arch and the file")
+    if missing:
+        raise InputDataError(
+            f"{path} lacks {len(missing)} backbone tensors of {model.arch} with n_blocks={model.n_blocks}"
+            f" (first: {missing[0]!r})", hint="use weights of the same architecture and depth")
+    present = [k for k in target if k in state]
+    bad = [k for k in present if tuple(state[k].shape) != tuple(target[k].shape)]
+    if bad:
+        k = bad[0]
+        raise InputDataError(
+            f"{path}: tensor {k!r} has shape {tuple(state[k].shape)}, the model expects "
+            f"{tuple(target[k].shape)}", hint="use weights of the same architecture (--arch)")
+    model.backbone.load_state_dict({k: state[k] for k in present}, strict=False)
+    loaded = len(present)
+    head = state.get("classifier.weight")
+    if head is not None and tuple(head.shape) == tuple(model.classifier.weight.shape):
+        with torch.no_grad():
+            model.classifier.weight.copy_(head)
+        loaded += 1
+    return loaded

@@ -1,0 +1,573 @@
+"""The fit loop behind ``uts teach`` and the student of ``uts distill``.
+
+One call of :func:`fit` trains a :class:`~uts_cli.model.cam.CamNet` on store patches, validates
+after every epoch, and keeps the run directory up to date:
+
+* ``history.csv``: one row per finished epoch (see ``uts_cli.io.rundir.HISTORY_FIELDS``);
+* ``checkpoints/last.pt``: after every epoch, and on interruption at the end of the current step;
+* ``checkpoints/best.pt``: when validation F1 is at least the best so far (ties go to the later
+  epoch: equal F1 after more training is no worse, and small validation sets tie often);
+* ``metrics.json``: status (complete / interrupted), best epoch and the final row.
+
+Resuming (``resume=True``) restores the model, optimiser, scaler and random states from
+``last.pt`` and continues where it stopped, mid-epoch included: an epoch's batch order is a
+function of ``(seed, epoch)``, so the batches already trained are skipped and the running sums of
+the epoch come from the checkpoint. History rows after the checkpoint are dropped, so the file has
+neither gaps nor duplicates.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uts_cli.data import batch_to_device, make_eval_loader, make_train_loader
+from uts_cli.devices import AmpPolicy, configure_cpu_threads, resolve_amp
+from uts_cli.errors import InputDataError, Interrupted, UsageError
+from uts_cli.io.rundir import RunDir
+from uts_cli.io.store import PatchStore
+from uts_cli.metrics import best_f1_threshold
+from uts_cli.model.augment import AugmentConfig, augment_batch
+from uts_cli.model.cam import CamNet, upsample_cam
+from uts_cli.model.predict import iter_predictions
+from uts_cli.reporting import NullReporter, Reporter
+
+LOCATIONS = ("none", "l2", "lb")
+CHECKPOINT_FORMAT = "uts-checkpoint"
+CHECKPOINT_VERSION = 1
+MONITOR = "val_f1"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Hyper-parameters of :func:`fit` (defaults: the method's, see METHOD.md section 3).
+
+    Attributes:
+        epochs: total number of epochs of the run (a resumed run continues up to this).
+        lr: Adam learning rate.
+        batch_size: training batch size.
+        val_batch_size: inference batch size for validation (None = ``batch_size``).
+        weight_decay: Adam weight decay (0 in the method).
+        alpha_ce: weight of the image-level BCE loss.
+        location: location constraint, ``"none"``, ``"l2"`` or ``"lb"``.
+        alpha_location: weight of the location loss.
+        temperature: T in ``sigmoid(T * CAM)`` for the soft centroid.
+        margin: distance (pixels) the ``lb`` barrier allows for free.
+        tlb: t of the extended log-barrier.
+        augment: spatial augmentation on/off.
+        strong_augmentation: add the elastic warp.
+        balance: class-balanced sampling.
+        steps_per_epoch: cap on training steps per epoch (None = one balanced pass).
+        amp: ``"auto"``, ``"off"``, ``"bf16"`` or ``"fp16"``.
+        channels_last: NHWC memory format (None = on CUDA only).
+        seed: seeds sampling and augmentation.
+        workers: DataLoader worker processes.
+        max_points: points kept per patch.
+        use_truth: train the location loss on the clean ground truth (synthetic stores only).
+        report_every: steps between loss values sent to the reporter (each one syncs the GPU).
+    """
+
+    epochs: int = 10
+    lr: float = 1e-4
+    batch_size: int = 32
+    val_batch_size: int | None = None
+    weight_decay: float = 0.0
+    alpha_ce: float = 1.0
+    location: str = "none"
+    alpha_location: float = 0.01
+    temperature: float = 10.0
+    margin: float = 40.0
+    tlb: float = 50.0
+    augment: bool = True
+    strong_augmentation: bool = False
+    balance: bool = True
+    steps_per_epoch: int | None = None
+    amp: str = "auto"
+    channels_last: bool | None = None
+    seed: int = 0
+    workers: int = 2
+    max_points: int = 8
+    use_truth: bool = False
+    report_every: int = 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainParams":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def validate(self) -> None:
+        """Raise UsageError on values no training can use."""
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.lr > 0, "learning rate must be > 0"),
+            (self.batch_size >= 1, "batch size must be >= 1"),
+            (self.val_batch_size is None or self.val_batch_size >= 1, "validation batch size must be >= 1"),
+            (self.location in LOCATIONS, f"location constraint must be one of {', '.join(LOCATIONS)}"),
+            (self.temperature > 0 and self.tlb > 0, "temperature and tlb must be > 0"),
+            (self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps per epoch must be >= 1"),
+            (self.workers >= 0, "workers must be >= 0"),
+            (self.max_points >= 1, "max_points must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message, hint="fix the training option and rerun")
+
+
+@dataclass
+class StepInfo:
+    """What an ``on_step`` callback sees after each finished training step."""
+
+    epoch: int
+    step: int            # 1-based within the epoch
+    steps_in_epoch: int
+    global_step: int
+
+
+@dataclass
+class FitResult:
+    """Summary of a finished (or already complete) run."""
+
+    status: str
+    epochs_done: int
+    best_epoch: int
+    best_val_f1: float | None
+    best_threshold: float
+    history: list[dict]
+    samples_per_s: float | None
+    last_checkpoint: str
+    best_checkpoint: str
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def extended_log_barrier(z: torch.Tensor, t: float) -> torch.Tensor:
+    """Kervadec et al.'s extended log-barrier of the constraint ``z <= 0``.
+
+    ``-log(-z)/t`` for ``z <= -1/t^2``, else the linear extension ``t z - log(1/t^2)/t + 1/t``
+    (continuous with a continuous derivative at the switch).
+    """
+    switch = -1.0 / (t * t)
+    inside = -torch.log((-z).clamp_min(1.0 / (t * t))) / t
+    outside = t * z - math.log(1.0 / (t * t)) / t + 1.0 / t
+    return torch.where(z <= switch, inside, outside)
+
+
+def soft_centroid(cam_logits: torch.Tensor, size: tuple[int, int], temperature: float) -> torch.Tensor:
+    """Centroid ``(n, 2)`` yx (input pixels) of ``sigmoid(T * upsampled CAM)``.
+
+    The CAM is upsampled to the input size first, as the method does; that costs ``H*W`` per
+    sample, negligible beside the backbone, and keeps the centroid exact in input pixels.
+    """
+    prob = torch.sigmoid(temperature * upsample_cam(cam_logits.float(), size))[:, 0]
+    height, width = size
+    ys = torch.arange(height, device=prob.device, dtype=prob.dtype)
+    xs = torch.arange(width, device=prob.device, dtype=prob.dtype)
+    total = prob.sum(dim=(1, 2)).clamp_min(1e-6)
+    cy = (prob.sum(dim=2) * ys).sum(dim=1) / total
+    cx = (prob.sum(dim=1) * xs).sum(dim=1) / total
+    return torch.stack([cy, cx], dim=1)
+
+
+def location_loss(cam_logits: torch.Tensor, points: torch.Tensor, mask: torch.Tensor,
+                  labels: torch.Tensor, size: tuple[int, int], kind: str, temperature: float = 10.0,
+                  margin: float = 40.0, tlb: float = 50.0) -> tuple[torch.Tensor, int]:
+    """Location constraint on positive patches with exactly one (valid) annotated point.
+
+    Args:
+        cam_logits: ``(B, 1, h, w)`` CAM logits.
+        points: ``(B, K, 2)`` yx after augmentation; mask ``(B, K)`` their validity.
+        labels: ``(B,)`` labels after augmentation.
+        size: input ``(H, W)``.
+        kind: ``"l2"`` (mean distance) or ``"lb"`` (mean extended log-barrier of distance - margin).
+        temperature, margin, tlb: see :class:`TrainParams`.
+
+    Returns:
+        ``(loss, number of samples it covered)``; the loss is 0 (still differentiable) when none.
+    """
+    eligible = (labels > 0.5) & (mask.sum(dim=1) == 1)
+    n = int(eligible.sum())
+    if n == 0:
+        return cam_logits.sum() * 0.0, 0
+    centroid = soft_centroid(cam_logits[eligible], size, temperature)
+    m = mask[eligible].unsqueeze(-1).to(points.dtype)
+    target = (points[eligible] * m).sum(dim=1)
+    dist = torch.sqrt(((centroid - target) ** 2).sum(dim=1) + 1e-8)
+    if kind == "l2":
+        return dist.mean(), n
+    return extended_log_barrier(dist - margin, tlb).mean(), n
+
+
+# --------------------------------------------------------------------------------------------
+# State kept across epochs and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    epoch: int = 0              # finished epochs
+    step_in_epoch: int = 0      # finished steps of the current (unfinished) epoch
+    global_step: int = 0
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    best_threshold: float = 0.5
+    sums: dict = field(default_factory=lambda: _zero_sums())
+
+
+def _zero_sums() -> dict:
+    return {"loss": 0.0, "ce": 0.0, "location": 0.0, "samples": 0, "seconds": 0.0}
+
+
+class _StopRequested(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _sigint_to_flag(enabled: bool):
+    """While active, a first Ctrl-C only sets ``flag["set"]``; a second one interrupts at once."""
+    flag = {"set": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Trainer:
+    """The mutable parts of one fit call; :func:`fit` is its public face."""
+
+    def __init__(self, model: CamNet, store: PatchStore, train_indices, val_indices,
+                 params: TrainParams, run: RunDir, device: torch.device, reporter: Reporter,
+                 labels, stop, on_step):
+        self.model, self.store, self.params, self.run = model, store, params, run
+        self.device, self.reporter, self.stop, self.on_step = device, reporter, stop, on_step
+        self.policy: AmpPolicy = resolve_amp(params.amp, device)
+        self.channels_last = device.type == "cuda" if params.channels_last is None else params.channels_last
+        self.train_indices = np.asarray(train_indices, dtype=np.int64)
+        self.val_indices = np.asarray(val_indices, dtype=np.int64)
+        self.labels = labels
+        self.aug_cfg = AugmentConfig(elastic=params.strong_augmentation)
+        self.state = _State()
+        self.flag = {"set": False}
+
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.policy.needs_scaler)
+        self.aug_gen = torch.Generator(device=device)
+        self.aug_gen.manual_seed(params.seed)
+        epoch_len = None if params.steps_per_epoch is None else params.steps_per_epoch * params.batch_size
+        self.loader = make_train_loader(store, self.train_indices, params.batch_size, params.seed,
+                                        params.workers, device, balance=params.balance,
+                                        epoch_len=epoch_len, labels=labels,
+                                        max_points=params.max_points, use_truth=params.use_truth)
+        self.sampler = self.loader.batch_sampler
+        self.val_loader = None
+        if len(self.val_indices):
+            self.val_loader = make_eval_loader(store, self.val_indices,
+                                               params.val_batch_size or params.batch_size,
+                                               params.workers, device, labels=labels)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint(self, threshold: float, val_f1: float | None) -> dict:
+        s = self.state
+        rng_cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(), "model_config": self.model.config(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
+            "sums": dict(s.sums), "best": s.best_f1, "best_epoch": s.best_epoch,
+            "best_threshold": s.best_threshold, "threshold": float(threshold), "val_f1": val_f1,
+            "params": self.params.to_dict(), "store_uuid": self.store.uuid,
+            "rng_torch": torch.get_rng_state(), "rng_cuda": list(rng_cuda),
+            "rng_aug": self.aug_gen.get_state(),
+        }
+
+    def restore(self) -> None:
+        ck = self.run.load_checkpoint("last", map_location="cpu")
+        if ck.get("store_uuid") != self.store.uuid:
+            raise InputDataError(
+                f"run {self.run.path} was trained on store {ck.get('store_uuid')}, not {self.store.uuid} "
+                f"({self.store.path})", hint="resume with the store the run was started on, or start a new run")
+        if ck.get("model_config") != self.model.config():
+            raise UsageError(f"the model options differ from the run's: {ck.get('model_config')}",
+                             hint="resume with the same --arch/--n-blocks/--aggregation/--mode/--input-norm")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng_torch"])
+        if self.device.type == "cuda" and ck.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(ck["rng_cuda"])
+        self.aug_gen.set_state(ck["rng_aug"])
+        self.state = _State(epoch=int(ck["epoch"]), step_in_epoch=int(ck["step_in_epoch"]),
+                            global_step=int(ck["global_step"]), best_f1=float(ck["best"]),
+                            best_epoch=int(ck["best_epoch"]), best_threshold=float(ck["best_threshold"]),
+                            sums={**_zero_sums(), **ck.get("sums", {})})
+        old = {k: v for k, v in ck.get("params", {}).items() if k != "epochs"}
+        new = {k: v for k, v in self.params.to_dict().items() if k != "epochs"}
+        changed = sorted(k for k in new if old.get(k, new[k]) != new[k])
+        if changed:
+            self.reporter.warn(f"resuming with changed training options: {', '.join(changed)}")
+        self.run.truncate_history(self.state.epoch)
+
+    # -- one step ------------------------------------------------------------------------------
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        p = self.params
+        b = batch_to_device(batch, self.device)
+        images, points, mask, labels = b.images, b.points, b.mask, b.labels
+        if p.augment:
+            images, points, mask, labels = augment_batch(images, points, mask, labels, self.aug_gen,
+                                                         self.aug_cfg)
+        x = self.model.prepare_input(images, channels_last=self.channels_last)
+        with self.policy.autocast():
+            logits, cam = self.model(x)
+        ce = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        loss = p.alpha_ce * ce
+        loc = torch.zeros((), device=self.device)
+        if p.location != "none":
+            loc, _ = location_loss(cam, points, mask, labels, tuple(x.shape[-2:]), p.location,
+                                   p.temperature, p.margin, p.tlb)
+            loss = loss + p.alpha_location * loc
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), ce.detach(), loc.detach(), len(labels)
+
+    def check_stop(self) -> None:
+        if self.flag["set"] or (self.stop is not None and self.stop()):
+            raise _StopRequested
+
+    # -- one epoch -----------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> None:
+        s = self.state
+        self.sampler.set_epoch(epoch, skip_batches=s.step_in_epoch)
+        n_steps = s.step_in_epoch + len(self.sampler)
+        self.model.train()
+        self.reporter.start(f"epoch {epoch}/{self.params.epochs}", n_steps)
+        if s.step_in_epoch:
+            self.reporter.advance(s.step_in_epoch)
+        # Sums stay on the device between reports: reading them back every step would stall a GPU.
+        acc = torch.zeros(3, device=self.device, dtype=torch.float64)
+        samples = 0
+        t0 = time.perf_counter()
+
+        def flush() -> None:
+            nonlocal acc, samples
+            vals = acc.tolist()
+            s.sums["loss"] += vals[0]
+            s.sums["ce"] += vals[1]
+            s.sums["location"] += vals[2]
+            s.sums["samples"] += samples
+            s.sums["seconds"] += time.perf_counter() - t0
+            acc.zero_()
+            samples = 0
+
+        try:
+            for batch in self.loader:
+                loss, ce, loc, n = self.train_step(batch)
+                acc += torch.stack([loss, ce, loc]).double() * n
+                samples += n
+                s.step_in_epoch += 1
+                s.global_step += 1
+                metrics = {}
+                if s.step_in_epoch % self.params.report_every == 0 or s.step_in_epoch == n_steps:
+                    metrics = {"loss": float(loss)}
+                self.reporter.advance(1, **metrics)
+                if self.on_step is not None:
+                    self.on_step(StepInfo(epoch, s.step_in_epoch, n_steps, s.global_step))
+                self.check_stop()
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            flush()
+            self.reporter.finish()
+
+    def validate(self) -> dict:
+        if self.val_loader is None:
+            return {"val_loss": None, "val_f1": None, "val_precision": None, "val_recall": None,
+                    "threshold": 0.5}
+        probs, labels = [], []
+        for pred in iter_predictions(self.model, self.val_loader, self.device, amp=self.params.amp):
+            probs.append(pred.probs)
+            labels.append(pred.labels)
+            self.check_stop()
+        prob = np.concatenate(probs).astype(np.float64)
+        lab = np.concatenate(labels) > 0.5
+        clipped = np.clip(prob, 1e-7, 1 - 1e-7)
+        val_loss = float(-np.mean(np.where(lab, np.log(clipped), np.log1p(-clipped))))
+        choice = best_f1_threshold(prob, lab.astype(np.uint8))
+        return {"val_loss": val_loss, "val_f1": choice.f1, "val_precision": choice.precision,
+                "val_recall": choice.recall, "threshold": choice.threshold}
+
+    def run_epoch(self, epoch: int) -> dict:
+        t_start = time.perf_counter()
+        seconds_before = self.state.sums["seconds"]
+        self.train_epoch(epoch)
+        val = self.validate()
+        s = self.state
+        n = max(1, s.sums["samples"])
+        row = {
+            "epoch": epoch, "train_loss": s.sums["loss"] / n, "loss_ce": s.sums["ce"] / n,
+            "loss_location": s.sums["location"] / n if self.params.location != "none" else None,
+            **val, "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - t_start + seconds_before, 3),
+            "train_seconds": round(s.sums["seconds"], 3),
+            "samples_per_s": round(s.sums["samples"] / max(s.sums["seconds"], 1e-9), 2),
+            "n_train_samples": int(s.sums["samples"]),
+        }
+        self.run.append_history(row)
+        s.epoch, s.step_in_epoch, s.sums = epoch, 0, _zero_sums()
+        f1 = val["val_f1"]
+        improved = f1 is None or f1 >= s.best_f1
+        if improved:
+            s.best_f1 = -1.0 if f1 is None else float(f1)
+            s.best_epoch, s.best_threshold = epoch, float(val["threshold"])
+        ck = self.checkpoint(val["threshold"], f1)
+        self.run.save_checkpoint("last", ck)
+        if improved:
+            self.run.save_checkpoint("best", ck)
+        self.reporter.log(_epoch_line(row, improved))
+        return row
+
+    def metrics(self, status: str) -> dict:
+        history = self.run.read_history()
+        s = self.state
+        return {"status": status, "monitor": MONITOR, "best_epoch": s.best_epoch,
+                "best": None if s.best_epoch == 0 or s.best_f1 < 0 else s.best_f1,
+                "best_threshold": s.best_threshold, "epochs_done": s.epoch,
+                "final": history[-1] if history else None}
+
+
+def _epoch_line(row: dict, improved: bool) -> str:
+    def fmt(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    return (f"epoch {row['epoch']}: loss {fmt(row['train_loss'])}, val F1 {fmt(row['val_f1'])} "
+            f"(P {fmt(row['val_precision'], '.3f')}, R {fmt(row['val_recall'], '.3f')}, "
+            f"threshold {fmt(row['threshold'], '.3f')}), {row['samples_per_s']:.1f} samples/s"
+            + (", best so far" if improved else ""))
+
+
+def fit(model: CamNet, store: PatchStore, train_indices: Sequence[int], val_indices: Sequence[int],
+        params: TrainParams, run: RunDir, *, device: torch.device, reporter: Reporter | None = None,
+        labels: np.ndarray | None = None, resume: bool = False,
+        stop: Callable[[], bool] | None = None, on_step: Callable[[StepInfo], None] | None = None,
+        handle_sigint: bool = True, run_config: dict | None = None) -> FitResult:
+    """Train ``model`` and record everything in ``run``.
+
+    Args:
+        model: the network (initial weights already loaded; replaced from ``last.pt`` on resume).
+        store: the patch store.
+        train_indices: store indices to train on (already filtered, e.g. ``only_one_mitosis``).
+        val_indices: store indices to validate on each epoch (empty: no validation; then every
+            epoch counts as best and the threshold is 0.5).
+        params: hyper-parameters.
+        run: a created (or, to resume, opened) :class:`RunDir`.
+        device: the resolved device.
+        reporter: progress sink (default :class:`NullReporter`).
+        labels: optional ``(len(store),)`` labels replacing the store's (pseudo-labels).
+        resume: continue from ``run``'s ``last.pt``.
+        stop: polled after every step; returning True stops like Ctrl-C.
+        on_step: called after every finished training step.
+        handle_sigint: in the main thread, the first Ctrl-C finishes the current step before
+            stopping (a second one stops at once).
+        run_config: extra content for ``config.json`` on a fresh run (the caller's full config);
+            ``model``, ``train`` and ``store`` sections are added when absent.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        Interrupted: Ctrl-C or ``stop``; ``last.pt`` and ``metrics.json`` (status interrupted)
+            were written first.
+        InputDataError: empty training set or one class missing, resume on another store, or a
+            missing/damaged ``last.pt``.
+        UsageError: invalid ``params`` or model options that differ from the resumed run.
+    """
+    params.validate()
+    reporter = reporter or NullReporter()
+    train_indices = np.asarray(train_indices, dtype=np.int64)
+    _check_train_set(store, train_indices, labels)
+    if device.type == "cpu":
+        configure_cpu_threads()
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed patch size: autotuned kernels pay off
+    trainer = _Trainer(model, store, train_indices, val_indices, params, run, device, reporter,
+                       labels, stop, on_step)
+    if resume:
+        trainer.restore()
+        reporter.log(f"resuming {run.path} after epoch {trainer.state.epoch}"
+                     + (f", step {trainer.state.step_in_epoch}" if trainer.state.step_in_epoch else ""))
+    else:
+        config = dict(run_config or {})
+        config.setdefault("model", model.config())
+        config.setdefault("train", params.to_dict())
+        config.setdefault("store", {"path": str(store.path), "uuid": store.uuid, "n_patches": len(store),
+                                    "n_train": int(len(train_indices)), "n_val": int(len(val_indices))})
+        run.write_config(config)
+
+    with _sigint_to_flag(handle_sigint) as flag:
+        trainer.flag = flag
+        try:
+            for epoch in range(trainer.state.epoch + 1, params.epochs + 1):
+                trainer.run_epoch(epoch)
+                trainer.check_stop()
+        except (KeyboardInterrupt, _StopRequested):
+            _save_interrupted(trainer)
+            s = trainer.state
+            where = f"epoch {s.epoch + 1}, step {s.step_in_epoch}" if s.step_in_epoch else f"epoch {s.epoch}"
+            raise Interrupted(f"training interrupted after {where}; saved {run.checkpoint_path('last')}",
+                              hint="rerun the same command with --resume to continue") from None
+
+    run.write_metrics(trainer.metrics("complete"))
+    history = run.read_history()
+    s = trainer.state
+    return FitResult(status="complete", epochs_done=s.epoch, best_epoch=s.best_epoch,
+                     best_val_f1=None if s.best_f1 < 0 else s.best_f1, best_threshold=s.best_threshold,
+                     history=history, samples_per_s=history[-1]["samples_per_s"] if history else None,
+                     last_checkpoint=str(run.checkpoint_path("last")),
+                     best_checkpoint=str(run.checkpoint_path("best")))
+
+
+def _save_interrupted(trainer: _Trainer) -> None:
+    ck = trainer.checkpoint(trainer.state.best_threshold, None)
+    trainer.run.save_checkpoint("last", ck)
+    trainer.run.write_metrics(trainer.metrics("interrupted"))
+
+
+def _check_train_set(store: PatchStore, indices: np.ndarray, labels: np.ndarray | None) -> None:
+    if len(indices) == 0:
+        raise InputDataError(f"no training patches in {store.path}",
+                             hint="check the store's splits, or the distillation filter that kept none")
+    lab = (store.label if labels is None else np.asarray(labels))[indices] > 0.5
+    n_pos = int(lab.sum())
+    if n_pos == 0 or n_pos == len(lab):
+        which = "positive" if n_pos == 0 else "negative"
+        raise InputDataError(f"the training set has no {which} patches ({len(lab)} patches, {n_pos} positive)",
+                             hint="image-level training needs both classes; check the store or the filter")
