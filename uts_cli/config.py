@@ -60,3 +60,77 @@ class NormalizeConfig:
     device: str = "auto"
     compression: str | None = None      # None: same as the input store
     overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TeachConfig:
+    """``uts teach`` (and the student part of ``uts distill``); defaults are the method's."""
+
+    store: Path
+    name: str
+    runs_dir: Path = Path("runs")
+    arch: str = "resnet18"
+    n_blocks: int = 3
+    aggregation: str = "max"
+    mode: str = "instance"
+    weights: str = "imagenet"           # imagenet | none | PATH
+    input_norm: str = "unit"            # unit (pixels/255, the original) | imagenet
+    epochs: int = 10
+    lr: float = 1e-4
+    batch_size: int = 32
+    location: str = "none"
+    alpha_location: float = 0.01
+    temperature: float = 10.0
+    margin: float = 40.0
+    tlb: float = 50.0
+    strong_augmentation: bool = False
+    augment: bool = True
+    balance: bool = True
+    only_one_mitosis: bool = True
+    steps_per_epoch: int | None = None
+    pixel_threshold: str = "image"      # image (the original) | localization (chosen on val)
+    amp: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``uts distill``: filter the teacher's disagreements, then train a student."""
+
+    teacher: Path                       # run folder (or name under runs_dir)
+    name: str
+    runs_dir: Path = Path("runs")
+    criterion: str = "TP"
+    pseudolabel: bool = False
+    radius_px: float = 30.0
+    # Student settings; None inherits the teacher's value.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    workers: int = 2
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``uts eval``: localization precision / recall / F1 of a run."""
+
+    run: Path
+    store: Path | None = None           # None: the store the run was trained on
+    split: str = "test"
+    matching: str = "one-to-one"
+    radius_px: float | None = None      # None with radius_um None: 30 px
+    radius_um: float | None = None
+    threshold: float | None = None      # None: the run's pixel threshold
+    truth: str = "auto"                 # auto | annotations | clean
+    checkpoint: str = "best"
+    bn_adapt: bool = False
+    overlays: bool = False
+    output: Path | None = None          # None: RUN/eval-<split>
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = 0

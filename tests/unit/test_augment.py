@@ -118,3 +118,17 @@ def test_non_square_rejected():
     with pytest.raises(ValueError):
         augment_batch(torch.zeros(1, 8, 9, 3, dtype=torch.uint8), torch.zeros(1, 1, 2),
                       torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1), torch.Generator())
+
+
+def test_scaled_float_batch_matches_uint8_path():
+    from uts_cli.model.cam import CamNet
+
+    net = CamNet(n_blocks=1, input_norm="imagenet")
+    rnd = torch.randint(0, 256, (6, SIDE, SIDE, 3), dtype=torch.uint8)
+    args = (torch.rand(6, 1, 2) * SIDE, torch.ones(6, 1, dtype=torch.bool), torch.ones(6))
+    cfg = AugmentConfig(elastic=True)
+    a = augment_batch(rnd, *args, torch.Generator().manual_seed(2), cfg)
+    b = augment_batch(net.prepare_input(rnd), *args, torch.Generator().manual_seed(2), cfg,
+                      fill=net.fill_value())
+    torch.testing.assert_close(b.images, net.prepare_input(a.images), rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.points, b.points) and torch.equal(a.labels, b.labels)

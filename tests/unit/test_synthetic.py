@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def test_files_and_counts_match_manifest(tiny_root):
     splits = read_rows(tiny_root / "splits.csv")
     assert sorted(r["split"] for r in splits) == ["test", "train", "val"]
     assert not list(tiny_root.parent.glob(".synthetic.partial-*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tiny_root.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_images_are_rgb_uint8_with_resolution(tiny_root):
@@ -188,7 +192,17 @@ def test_existing_non_dataset_folder_is_refused(tmp_path):
     assert (tmp_path / "ds" / "notes.txt").read_text() == "mine"
 
 
+def test_empty_existing_folder_is_filled(tmp_path):
+    (tmp_path / "ds").mkdir()
+    root = generate(tmp_path / "ds", replace(TINY, fields_per_case=1))
+    assert (root / "dataset.json").is_file()
+    assert len(list((root / "images").rglob("*.tif"))) == 3
+
+
 def test_spec_validation():
+    spec = SyntheticSpec(seed=np.int64(3), mitoses_per_field=3)
+    assert type(spec.seed) is int and spec.mitoses_per_field == 3.0
+    assert json.dumps(asdict(spec))
     with pytest.raises(UsageError):
         SyntheticSpec(n_cases=2, val_cases=1, test_cases=1)
     with pytest.raises(UsageError):

@@ -242,12 +242,13 @@ def _disc(dy, dx, r, edge=1.2):
 
 
 def _paint_nucleus(c_h, c_e, tex, rng, cy, cx, kind, fibre_angle):
+    """Add one ordinary nucleus (epithelial, fibroblast or lymphocyte) to the stain maps."""
     size = c_h.shape[0]
     if kind == "epithelial":
         a = rng.uniform(11, 19)
         b = a * rng.uniform(0.65, 0.95)
         theta = rng.uniform(0, np.pi)
-        # A few hyperchromatic nuclei: dark, but large, pale-rimmed and smooth.
+        # A few hyperchromatic nuclei: dark, but large, granular and smooth-edged.
         dens = rng.uniform(0.9, 1.3) if rng.random() < 0.08 else rng.uniform(0.4, 0.85)
         harm = _harmonics(rng, (2, 3, 4), (0.0, 0.05))
         grain = 0.4
@@ -374,6 +375,7 @@ def _mitosis_chromatin(rng, dy, dx, phase, tex):
 
 
 def _paint_mitosis(c_h, c_e, tex, rng, cy, cx, phase):
+    """Add one mitotic figure; returns (window slices, its haematoxylin) for the centroid."""
     size = c_h.shape[0]
     sl, dy, dx = _window(cy, cx, 40, size)
     h, extent = _mitosis_chromatin(rng, dy, dx, phase, tex[sl])
@@ -394,6 +396,7 @@ def _paint_mitosis(c_h, c_e, tex, rng, cy, cx, phase):
 
 
 def _paint_lookalike(c_h, c_e, tex, rng, cy, cx, kind):
+    """Add one look-alike; returns (window slices, its haematoxylin) for the centroid."""
     size = c_h.shape[0]
     sl, dy, dx = _window(cy, cx, 34, size)
     t = tex[sl]
@@ -431,7 +434,9 @@ def _paint_lookalike(c_h, c_e, tex, rng, cy, cx, kind):
         radii = rng.uniform(6.5, 9.5, n)
         centres = [np.zeros(2)]
         reach = 12.0
-        while len(centres) < n:
+        for _ in range(1000):  # bounded: a crowded draw just makes a smaller cluster
+            if len(centres) == n:
+                break
             cand = rng.uniform(-reach, reach, 2)
             k = len(centres)
             if all(np.hypot(*(cand - c)) > 0.9 * (radii[k] + radii[j]) for j, c in enumerate(centres)):

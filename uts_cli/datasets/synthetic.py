@@ -28,8 +28,8 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -82,12 +82,14 @@ class SyntheticSpec:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise UsageError(f"synthetic: {name} must be a whole number >= 0, got {value!r}",
                                  hint="see SyntheticSpec in uts_cli/datasets/synthetic.py")
+            object.__setattr__(self, name, int(value))  # numpy ints would not survive JSON
         for name in ("mitoses_per_field", "lookalikes_per_field", "label_noise_fp", "label_noise_fn"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
                     or not np.isfinite(value) or value < 0:
                 raise UsageError(f"synthetic: {name} must be a number >= 0, got {value!r}",
                                  hint="see SyntheticSpec in uts_cli/datasets/synthetic.py")
+            object.__setattr__(self, name, float(value))
         if self.label_noise_fp > 1 or self.label_noise_fn > 1:
             raise UsageError("synthetic: label_noise_fp and label_noise_fn are fractions in [0, 1]",
                              hint="e.g. label_noise_fp=0.35")
@@ -178,7 +180,9 @@ def generate(root: str | os.PathLike, spec: SyntheticSpec | None = None,
     if _existing_matches(root, spec):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
+    # os.mkdir (not mkdtemp, which makes it 0700) so the dataset gets the user's usual mode.
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         t0 = time.monotonic()
         manifest = _write_dataset(tmp, spec, reporter)

@@ -59,7 +59,7 @@ class AugmentConfig:
 class AugmentedBatch(NamedTuple):
     """Output of :func:`augment_batch`."""
 
-    images: torch.Tensor   # float32 (B, 3, H, W), values 0..255
+    images: torch.Tensor   # float32 (B, 3, H, W): 0..255, or scaled like the float input
     points: torch.Tensor   # float32 (B, K, 2) yx
     mask: torch.Tensor     # bool (B, K): point valid and inside the frame
     labels: torch.Tensor   # (B,) same dtype as the input labels, recomputed
@@ -129,58 +129,81 @@ def _invert_elastic(r_xy: torch.Tensor, disp: torch.Tensor, steps: int = 3) -> t
     return p
 
 
-def _exact(images: torch.Tensor, hflip, vflip, transpose) -> torch.Tensor:
-    """Flips/transposes by indexing; ``images`` uint8 or float ``(b, 3, H, W)``."""
-    out = torch.where(hflip.view(-1, 1, 1, 1), images.flip(-1), images)
-    out = torch.where(vflip.view(-1, 1, 1, 1), out.flip(-2), out)
-    return torch.where(transpose.view(-1, 1, 1, 1), out.transpose(-1, -2), out)
+def _dihedral(x: torch.Tensor, hflip, vflip, transpose) -> None:
+    """Flip/transpose samples of ``x (B, C, H, W)`` in place, by index (exact, no interpolation).
+
+    Samples are grouped by their combination of the three flags, so each group costs one read,
+    one flip and one write, whatever the batch size.
+    """
+    code = hflip.long() + 2 * vflip.long() + 4 * transpose.long()
+    for c in torch.unique(code).tolist():
+        if c == 0:
+            continue
+        idx = torch.nonzero(code == c).flatten()
+        dims = [d for d, on in ((-1, c & 1), (-2, c & 2)) if on]
+        part = x.index_select(0, idx)
+        if dims:
+            part = part.flip(dims)
+        if c & 4:
+            part = part.transpose(-1, -2)
+        x.index_copy_(0, idx, part)
 
 
 def augment_batch(images: torch.Tensor, points: torch.Tensor, mask: torch.Tensor,
                   labels: torch.Tensor, generator: torch.Generator,
-                  config: AugmentConfig = AugmentConfig()) -> AugmentedBatch:
+                  config: AugmentConfig = AugmentConfig(), fill=WHITE) -> AugmentedBatch:
     """Augment a batch of square patches and their points with the same random transforms.
 
     Args:
-        images: uint8 ``(B, H, W, 3)`` on the target device (``H == W``).
+        images: uint8 ``(B, H, W, 3)`` pixels, or a float ``(B, 3, H, W)`` batch already scaled for
+            the network (``CamNet.prepare_input``; then pass its ``fill_value()``), on the target
+            device, ``H == W``. A float batch is modified in place and returned.
         points: float ``(B, K, 2)`` yx, patch-local pixels (padding rows arbitrary).
         mask: bool ``(B, K)``, True for real points.
         labels: ``(B,)`` weak labels (0/1, any numeric or bool dtype).
         generator: a ``torch.Generator`` on the same device (reproducibility).
         config: probabilities and ranges.
+        fill: value of areas brought in from outside the patch: white (255) for uint8 input, the
+            scaled white (a scalar or ``(1, C, 1, 1)`` tensor) for a scaled float batch.
 
     Returns:
-        An :class:`AugmentedBatch`. A point stays valid only if it lands inside the frame
-        (``-0.5 <= coord < side - 0.5``). A positive label becomes 0 when the sample had points
-        and none is left; samples without points keep their label (e.g. pseudo-labels).
+        An :class:`AugmentedBatch` with float ``(B, 3, H, W)`` images (0..255 for uint8 input). A
+        point stays valid only if it lands inside the frame (``-0.5 <= coord < side - 0.5``). A
+        positive label becomes 0 when the sample had points and none is left; samples without
+        points keep their label (e.g. pseudo-labels).
 
     Raises:
         ValueError: non-square patches or mismatched shapes (a programming error).
     """
-    b, height, width, ch = images.shape
+    if images.dtype == torch.uint8:
+        b, height, width, ch = images.shape
+        x = torch.empty((b, ch, height, width), dtype=torch.float32, device=images.device)
+        x.copy_(images.permute(0, 3, 1, 2))  # dtype and layout change in one pass
+    else:
+        x = images
+        b, ch, height, width = x.shape
     if height != width or ch != 3:
         raise ValueError(f"augment_batch needs square RGB patches, got {tuple(images.shape)}")
     if points.shape[:2] != mask.shape or points.shape[0] != b:
         raise ValueError("points (B, K, 2) and mask (B, K) do not match the batch")
-    device = images.device
+    device = x.device
     u = torch.rand(b, 6, generator=generator, device=device)
     hflip, vflip, transpose, rotate, elastic, a = _linear_maps(u, config)
-    chw = images.permute(0, 3, 1, 2)
     centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], device=device)
 
     xy = points.flip(-1).float() - centre                           # centred (x, y)
     new_xy = xy @ a.transpose(1, 2) + centre                        # A q + c, batched
 
     resample = rotate | elastic
-    out = torch.empty((b, 3, height, width), dtype=torch.float32, device=device)
-    cheap = torch.nonzero(~resample).flatten()
-    if len(cheap):
-        out[cheap] = _exact(chw[cheap], hflip[cheap], vflip[cheap], transpose[cheap]).float()
     heavy = torch.nonzero(resample).flatten()
     if len(heavy):
-        out[heavy], warped = _resample(chw[heavy], a[heavy], elastic[heavy], new_xy[heavy],
-                                       generator, config)
-        new_xy[heavy] = warped
+        warped_img, warped_xy = _resample(x.index_select(0, heavy), a[heavy], elastic[heavy],
+                                          new_xy[heavy], generator, config, fill)
+        new_xy[heavy] = warped_xy
+    cheap = ~resample
+    _dihedral(x, hflip & cheap, vflip & cheap, transpose & cheap)
+    if len(heavy):
+        x.index_copy_(0, heavy, warped_img)
 
     new_points = new_xy.flip(-1)
     lim_y, lim_x = height - 0.5, width - 0.5
@@ -190,12 +213,12 @@ def augment_batch(images: torch.Tensor, points: torch.Tensor, mask: torch.Tensor
     had = mask.any(dim=1)
     keep = ~had | new_mask.any(dim=1)
     new_labels = (labels.bool() & keep).to(labels.dtype)
-    return AugmentedBatch(out, new_points, new_mask, new_labels)
+    return AugmentedBatch(x, new_points, new_mask, new_labels)
 
 
 def _resample(chw: torch.Tensor, a: torch.Tensor, elastic: torch.Tensor, r_xy: torch.Tensor,
-              generator: torch.Generator, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """grid_sample path: affine (+ elastic) resampling of ``chw (n, 3, H, W)`` uint8."""
+              generator: torch.Generator, cfg: AugmentConfig, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample path: affine (+ elastic) resampling of ``chw (n, 3, H, W)`` float."""
     n, _, height, width = chw.shape
     device = chw.device
     s = torch.tensor([2.0 / width, 2.0 / height], device=device)
@@ -213,7 +236,7 @@ def _resample(chw: torch.Tensor, a: torch.Tensor, elastic: torch.Tensor, r_xy: t
         grid[el] = grid[el] + torch.einsum("bij,bjhw->bhwi", theta2[el], disp_norm)
         r_xy = r_xy.clone()
         r_xy[el] = _invert_elastic(r_xy[el], disp)
-    # Sample the inverted image with zero padding, then invert back: outside becomes white.
-    inv = WHITE - chw.float()
-    warped = F.grid_sample(inv, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return WHITE - warped, r_xy
+    # Sample (image - fill) with zero padding, then add fill back: outside becomes the fill colour.
+    shifted = chw.sub_(fill)
+    warped = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped.add_(fill), r_xy

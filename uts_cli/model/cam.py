@@ -109,14 +109,24 @@ class CamNet(nn.Module):
             channels_last: return NHWC memory format (faster convolutions on CUDA).
 
         Returns:
-            float32 ``(B, 3, H, W)`` scaled as ``input_norm`` says.
+            A new float32 ``(B, 3, H, W)`` tensor scaled as ``input_norm`` says.
         """
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
         if images.dtype == torch.uint8:
-            images = images.permute(0, 3, 1, 2)
-        x = images.float() * self._scale + self._shift
-        if channels_last:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
+            b, h, w, c = images.shape
+            x = torch.empty((b, c, h, w), dtype=torch.float32, device=images.device, memory_format=fmt)
+            x.copy_(images.permute(0, 3, 1, 2))  # dtype and layout change in one pass
+        else:
+            x = images.to(dtype=torch.float32, memory_format=fmt, copy=True)
+        # In place, and no shift pass for "unit": every full-batch pass costs memory bandwidth.
+        x.mul_(self._scale)
+        if self.input_norm != "unit":
+            x.add_(self._shift)
+        return x
+
+    def fill_value(self) -> torch.Tensor:
+        """White (255) as :meth:`prepare_input` scales it, ``(1, 3, 1, 1)`` (padding colour)."""
+        return 255.0 * self._scale + self._shift
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.flatten(2)

@@ -339,11 +339,12 @@ class _Trainer:
     def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         p = self.params
         b = batch_to_device(batch, self.device)
-        images, points, mask, labels = b.images, b.points, b.mask, b.labels
+        points, mask, labels = b.points, b.mask, b.labels
+        # Scale first, then augment the float batch in place: fewer full-batch passes.
+        x = self.model.prepare_input(b.images, channels_last=self.channels_last)
         if p.augment:
-            images, points, mask, labels = augment_batch(images, points, mask, labels, self.aug_gen,
-                                                         self.aug_cfg)
-        x = self.model.prepare_input(images, channels_last=self.channels_last)
+            x, points, mask, labels = augment_batch(x, points, mask, labels, self.aug_gen,
+                                                    self.aug_cfg, fill=self.model.fill_value())
         with self.policy.autocast():
             logits, cam = self.model(x)
         ce = F.binary_cross_entropy_with_logits(logits.float(), labels.float())

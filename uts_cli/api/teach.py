@@ -1,0 +1,192 @@
+"""``teach``: train the weakly supervised teacher (image-level labels only) into a run folder.
+
+The same ``train_run`` trains the student of ``distill`` on a filtered index set.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from uts_cli.config import TeachConfig, to_dict
+from uts_cli.errors import InputDataError, UsageError
+from uts_cli.io.store import PatchStore
+from uts_cli.reporting import NullReporter, Reporter
+
+PIXEL_THRESHOLD_MODES = ("image", "localization")
+# Candidate pixel thresholds for --pixel-threshold localization.
+SWEEP = np.round(np.arange(0.05, 0.951, 0.05), 2)
+DEFAULT_RADIUS_PX = 30.0
+
+
+@dataclass
+class TeachResult:
+    run: Path
+    status: str
+    epochs_done: int
+    best_epoch: int
+    best_val_f1: float | None
+    threshold: float
+    pixel_threshold: float
+    pixel_threshold_val_f1: float | None
+    n_train: int
+    n_val: int
+    device: str
+    samples_per_s: float | None
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_run(name_or_path: str | Path, runs_dir: Path) -> Path:
+    """A run given by name lives in ``runs_dir``; a path (with a separator) is taken as is."""
+    text = str(name_or_path)
+    if "/" in text or Path(text).is_absolute():
+        return Path(text)
+    return Path(runs_dir) / text
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith(".") or any(c in name for c in "/\\ \t\n"):
+        raise UsageError(f"invalid run name {name!r}", hint="use letters, digits, '-', '_' or '.'")
+
+
+def median_pixel_size(store: PatchStore) -> float | None:
+    sizes = store.image_pixel_size[np.isfinite(store.image_pixel_size)]
+    return float(np.median(sizes)) if len(sizes) else None
+
+
+def choose_pixel_threshold(model, store: PatchStore, indices: np.ndarray, device, *, batch_size: int,
+                           amp: str, radius_px: float, reporter: Reporter) -> tuple[float, float]:
+    """Pixel threshold with the best patch-level localization F1 on ``indices`` (validation).
+
+    Returns:
+        ``(threshold, f1)``.
+    """
+    from uts_cli.evaluation import ThresholdSweep
+    from uts_cli.model.predict import predict_patches
+
+    sweep = ThresholdSweep(SWEEP, radius_px)
+    reporter.start("pixel threshold on val", len(indices))
+    for batch in predict_patches(model, store, indices, device, batch_size=batch_size, amp=amp, want_cam=True):
+        for k, cam in zip(batch.indices, batch.cams):
+            yx, kind = store.points_for(int(k))
+            sweep.add(cam.astype(np.float32), yx[kind == 0])
+        reporter.advance(len(batch.indices))
+    reporter.finish()
+    threshold, counts = sweep.best()
+    return threshold, counts.f1
+
+
+def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indices: np.ndarray | None = None,
+              val_indices: np.ndarray | None = None, labels: np.ndarray | None = None,
+              extra_config: dict | None = None, command: str = "teach") -> TeachResult:
+    """Train one CAM network into ``cfg.runs_dir / cfg.name`` and record what later commands need.
+
+    Args:
+        cfg: model, optimisation and run options.
+        reporter: progress sink.
+        train_indices / val_indices: store indices to use (default: the store's train split, with
+            the at-most-one-mitosis filter when ``cfg.only_one_mitosis``, and its val split).
+        labels: per-store-patch labels replacing the annotations (pseudo-labels).
+        extra_config: more sections for ``config.json`` (distill records its teacher here).
+        command: the command name recorded in ``config.json``.
+
+    Returns:
+        Summary of the run.
+
+    Raises:
+        UsageError: bad options, or the run exists without ``resume``/``overwrite``.
+        InputDataError: bad store, nothing to train on, or a damaged run to resume.
+        ResourceError: the device is unavailable or weights cannot be had offline.
+    """
+    import torch
+
+    from uts_cli import __version__
+    from uts_cli.data import only_one_mitosis
+    from uts_cli.devices import device_summary, resolve_device
+    from uts_cli.io.rundir import RunDir
+    from uts_cli.model.cam import CamNet, load_backbone_weights
+    from uts_cli.model.predict import load_run_model
+    from uts_cli.model.train import TrainParams, fit
+    from uts_cli.plots import plot_history
+
+    reporter = reporter or NullReporter()
+    t0 = time.monotonic()
+    _check_name(cfg.name)
+    if cfg.pixel_threshold not in PIXEL_THRESHOLD_MODES:
+        raise UsageError(f"unknown --pixel-threshold {cfg.pixel_threshold!r}",
+                         hint=f"use one of {', '.join(PIXEL_THRESHOLD_MODES)}")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="give one of them")
+    store = PatchStore(cfg.store)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+
+    if train_indices is None:
+        train_indices = store.indices("train")
+        if cfg.only_one_mitosis:
+            train_indices = only_one_mitosis(store, train_indices)
+    if val_indices is None:
+        val_indices = store.indices("val")
+    if len(train_indices) == 0:
+        raise InputDataError(f"no training patches in {store.path}",
+                             hint="check the store's splits (uts prepare --splits) or use another store")
+
+    run = RunDir(resolve_run(cfg.name, cfg.runs_dir))
+    if cfg.resume:
+        run.open_existing()
+    else:
+        run.create(overwrite=cfg.overwrite)
+    model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
+                   input_norm=cfg.input_norm)
+    if not cfg.resume:
+        load_backbone_weights(model, cfg.weights)
+    params = TrainParams(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, location=cfg.location,
+                         alpha_location=cfg.alpha_location, temperature=cfg.temperature, margin=cfg.margin,
+                         tlb=cfg.tlb, augment=cfg.augment, strong_augmentation=cfg.strong_augmentation,
+                         balance=cfg.balance, steps_per_epoch=cfg.steps_per_epoch, amp=cfg.amp, seed=cfg.seed,
+                         workers=cfg.workers)
+    run_config = {
+        "command": command,
+        "uts_version": __version__,
+        "config": to_dict(cfg),
+        "input_size": store.patch_size,
+        "pixel_size_um": median_pixel_size(store),
+        "stain": {"method": store.stain, "state": store.stain_state},
+        "device": {"requested": cfg.device, **device_summary(device)},
+        **(extra_config or {}),
+    }
+    fit_result = fit(model.to(device), store, train_indices, val_indices, params, run, device=device,
+                     reporter=reporter, labels=labels, resume=cfg.resume, run_config=run_config)
+
+    # The checkpoint holds the image-level threshold chosen on val at the best epoch.
+    best_model, info = load_run_model(run, "best", device)
+    threshold = float(info["threshold"])
+    pixel_threshold, pixel_f1 = threshold, None
+    if cfg.pixel_threshold == "localization" and len(val_indices):
+        pixel_threshold, pixel_f1 = choose_pixel_threshold(
+            best_model, store, np.asarray(val_indices), device, batch_size=cfg.batch_size, amp=cfg.amp,
+            radius_px=DEFAULT_RADIUS_PX, reporter=reporter)
+    config = run.read_config()
+    config.update({"threshold": threshold, "pixel_threshold": pixel_threshold,
+                   "pixel_threshold_mode": cfg.pixel_threshold, "pixel_threshold_val_f1": pixel_f1,
+                   "best_epoch": fit_result.best_epoch})
+    run.write_config(config)
+    try:
+        plot_history(run.history_path, run.path / "history.png")
+    except Exception as exc:  # a missing plot must not fail a finished training
+        reporter.warn(f"could not draw the training curve: {exc}")
+    return TeachResult(
+        run=run.path, status=fit_result.status, epochs_done=fit_result.epochs_done,
+        best_epoch=fit_result.best_epoch, best_val_f1=fit_result.best_val_f1, threshold=threshold,
+        pixel_threshold=pixel_threshold, pixel_threshold_val_f1=pixel_f1, n_train=int(len(train_indices)),
+        n_val=int(len(val_indices)), device=str(device), samples_per_s=fit_result.samples_per_s,
+        seconds=round(time.monotonic() - t0, 2), history=fit_result.history)
+
+
+def teach(cfg: TeachConfig, reporter: Reporter | None = None) -> TeachResult:
+    """Train the teacher on the store's training split with image-level labels only."""
+    return train_run(cfg, reporter)

@@ -1,0 +1,131 @@
+"""``uts teach``: train the weakly supervised teacher."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, SeedOpt, StoreArg, WorkersOpt
+from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
+
+EXAMPLES = """Examples:
+
+  uts teach local_data/stores/tupac16-p500-norm.h5 --name teacher1
+
+  uts teach store.h5 --name t2 --weights none --epochs 20 --lr 1e-3 --location lb
+
+  uts teach store.h5 --name teacher1 --resume
+"""
+
+
+class Arch(str, Enum):
+    resnet18 = "resnet18"
+    resnet50 = "resnet50"
+
+
+class Aggregation(str, Enum):
+    max = "max"
+    mean = "mean"
+
+
+class Mode(str, Enum):
+    instance = "instance"
+    embedding = "embedding"
+
+
+class Location(str, Enum):
+    none = "none"
+    l2 = "l2"
+    lb = "lb"
+
+
+class InputNorm(str, Enum):
+    unit = "unit"
+    imagenet = "imagenet"
+
+
+class PixelThreshold(str, Enum):
+    image = "image"
+    localization = "localization"
+
+
+class Amp(str, Enum):
+    auto = "auto"
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds the run folders.", file_okay=False)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
+
+
+@cli_errors("teach")
+def teach_cmd(
+    store: StoreArg,
+    name: Annotated[str, typer.Option("--name", "-n", help="Run name (folder RUNS_DIR/NAME).")],
+    runs_dir: RunsDirOpt = Path("runs"),
+    arch: Annotated[Arch, typer.Option(help="Backbone.")] = Arch.resnet18,
+    n_blocks: Annotated[int, typer.Option("--n-blocks", min=1, max=4, help="Residual stages kept.")] = 3,
+    aggregation: Annotated[Aggregation, typer.Option(help="CAM pooling to the image logit.")] = Aggregation.max,
+    mode: Annotated[Mode, typer.Option(help="Pool the CAM (instance) or the features (embedding).")] = Mode.instance,
+    weights: Annotated[str, typer.Option(
+        "--weights", help="Backbone init: imagenet (from the local torch cache), none, or a file.")] = "imagenet",
+    input_norm: Annotated[InputNorm, typer.Option(
+        "--input-norm", help="unit: pixels/255 (the original); imagenet: mean/std.")] = InputNorm.unit,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 10,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size.")] = 32,
+    steps_per_epoch: Annotated[Optional[int], typer.Option(
+        "--steps-per-epoch", min=1, help="Cap on steps per epoch (default: one balanced pass).")] = None,
+    location: Annotated[Location, typer.Option(help="Location constraint on positive patches.")] = Location.none,
+    alpha_location: Annotated[float, typer.Option("--alpha-location", help="Weight of the location loss.")] = 0.01,
+    temperature: Annotated[float, typer.Option(help="T in sigmoid(T * CAM) for the soft centroid.")] = 10.0,
+    margin: Annotated[float, typer.Option(help="lb: distance allowed for free, pixels.")] = 40.0,
+    tlb: Annotated[float, typer.Option(help="lb: barrier parameter t.")] = 50.0,
+    strong_augmentation: Annotated[bool, typer.Option(
+        "--strong-augmentation", help="Add elastic deformation to flips/rotation/transpose.")] = False,
+    balance: Annotated[bool, typer.Option(help="Class-balanced sampling.")] = True,
+    only_one_mitosis: Annotated[bool, typer.Option(
+        "--only-one-mitosis/--all-patches", help="Train only on patches with at most one mitosis.")] = True,
+    pixel_threshold: Annotated[PixelThreshold, typer.Option(
+        "--pixel-threshold", help="CAM threshold: the image-level one (original) or the best localization F1 on val.")
+    ] = PixelThreshold.image,
+    amp: Annotated[Amp, typer.Option(help="Mixed precision (auto: on for CUDA).")] = Amp.auto,
+    seed: SeedOpt = 0,
+    workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Train the teacher: a CAM network that learns from image-level labels only."""
+    from uts_cli.api.teach import teach
+    from uts_cli.config import TeachConfig
+
+    cfg = TeachConfig(store=store, name=name, runs_dir=runs_dir, arch=arch.value, n_blocks=n_blocks,
+                      aggregation=aggregation.value, mode=mode.value, weights=weights, input_norm=input_norm.value,
+                      epochs=epochs, lr=lr, batch_size=batch_size, location=location.value,
+                      alpha_location=alpha_location, temperature=temperature, margin=margin, tlb=tlb,
+                      strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,
+                      steps_per_epoch=steps_per_epoch, pixel_threshold=pixel_threshold.value, amp=amp.value,
+                      seed=seed, workers=workers, device=device, resume=resume, overwrite=overwrite)
+    result = teach(cfg, CliReporter())
+    render_run(result, "teach", json_output)
+
+
+def render_run(result, command: str, json_output: bool, extra_rows: list | None = None) -> None:
+    from dataclasses import asdict
+
+    if json_output:
+        emit_json({"ok": True, "command": command, **asdict(result)})
+        return
+    f1 = "n/a" if result.best_val_f1 is None else f"{result.best_val_f1:.3f}"
+    rows = [("run", result.run), ("epochs", f"{result.epochs_done} (best {result.best_epoch})"),
+            ("val F1 (image level)", f1), ("image threshold", f"{result.threshold:.3f}"),
+            ("pixel threshold", f"{result.pixel_threshold:.3f}"),
+            ("train / val patches", f"{result.n_train} / {result.n_val}"), ("device", result.device),
+            ("throughput", f"{result.samples_per_s or 0:.1f} samples/s"), ("time", f"{result.seconds:.1f} s")]
+    print_table(f"{command}: {result.run}", (extra_rows or []) + rows)
