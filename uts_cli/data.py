@@ -9,6 +9,7 @@ normalisation happen there (see ``uts_cli.model.augment`` and ``CamNet.prepare_i
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -206,6 +207,10 @@ class SequentialBatchSampler(Sampler[list[int]]):
 
 
 def _seed_worker(worker_id: int) -> None:
+    # A terminal Ctrl-C reaches the whole process group. Workers ignore it: the main process
+    # decides (finish the step, save, stop), and a worker that quit on its own would make the
+    # next batch fail with "DataLoader worker exited unexpectedly" instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Workers only read; still seed numpy/random in case a transform ever draws numbers.
     info = get_worker_info()
     seed = (info.seed if info is not None else worker_id) % 2**32

@@ -25,7 +25,7 @@ def centroids(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([(dark * yy).sum((1, 2)) / w, (dark * xx).sum((1, 2)) / w], 1)
 
 
-def run(config, n=24, seed=0, side=SIDE):
+def run(config, n=24, seed=0, side=SIDE, sync_free=None):
     rng = np.random.default_rng(seed)
     pts = rng.uniform(0.25 * side, 0.75 * side, (n, 2))
     images = dots(pts, side)
@@ -33,7 +33,7 @@ def run(config, n=24, seed=0, side=SIDE):
     before = centroids(images.permute(0, 3, 1, 2).float())
     gen = torch.Generator().manual_seed(seed)
     out = augment_batch(images, before.unsqueeze(1).float(), torch.ones(n, 1, dtype=torch.bool),
-                        torch.ones(n), gen, config)
+                        torch.ones(n), gen, config, sync_free=sync_free)
     return out, centroids(out.images)
 
 
@@ -46,8 +46,9 @@ def run(config, n=24, seed=0, side=SIDE):
     AugmentConfig(**{**NONE, "elastic": True, "p_elastic": 1.0}),
     AugmentConfig(p_rotate=1.0, elastic=True, p_elastic=1.0),
 ], ids=["hflip", "vflip", "transpose", "flips", "rotate", "elastic", "rotate+elastic"])
-def test_dot_lands_on_transformed_point(config):
-    out, measured = run(config)
+@pytest.mark.parametrize("sync_free", [False, True], ids=["subsets", "sync-free"])
+def test_dot_lands_on_transformed_point(config, sync_free):
+    out, measured = run(config, sync_free=sync_free)
     assert out.mask.all()
     err = (measured - out.points[:, 0]).norm(dim=1)
     assert float(err.max()) < 1.0, err
@@ -132,3 +133,18 @@ def test_scaled_float_batch_matches_uint8_path():
                       fill=net.fill_value())
     torch.testing.assert_close(b.images, net.prepare_input(a.images), rtol=1e-4, atol=1e-4)
     assert torch.equal(a.points, b.points) and torch.equal(a.labels, b.labels)
+
+
+def test_sync_free_path_matches_subset_path():
+    # The GPU strategy (both paths on every sample, then a per-sample select) must give the same
+    # pixels and points as the CPU strategy (each path on its own subset).
+    rnd = torch.randint(0, 256, (16, SIDE, SIDE, 3), dtype=torch.uint8)
+    pts = torch.rand(16, 2, 2) * SIDE
+    args = (pts, torch.ones(16, 2, dtype=torch.bool), torch.ones(16))
+    a = augment_batch(rnd, *args, torch.Generator().manual_seed(4), AugmentConfig(), sync_free=False)
+    b = augment_batch(rnd, *args, torch.Generator().manual_seed(4), AugmentConfig(), sync_free=True)
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-3)
+    torch.testing.assert_close(a.points, b.points)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.labels, b.labels)
+    out, measured = run(AugmentConfig(p_rotate=1.0, elastic=True, p_elastic=0.5), seed=1)
+    assert float((measured - out.points[:, 0]).norm(dim=1).max()) < 1.0

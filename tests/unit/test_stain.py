@@ -72,8 +72,9 @@ def test_fit_state_matches_torchstain_fit(reference, state):
 
     norm = torchstain.normalizers.MacenkoNormalizer(backend="torch")
     norm.fit(torch.from_numpy(reference).permute(2, 0, 1).float())
-    np.testing.assert_array_equal(state.he_ref, norm.HERef.double().numpy())
-    np.testing.assert_array_equal(state.max_c_ref, norm.maxCRef.double().numpy())
+    # Same torchstain call; only multi-threaded float32 reductions may differ in the last bit.
+    np.testing.assert_allclose(state.he_ref, norm.HERef.double().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(state.max_c_ref, norm.maxCRef.double().numpy(), rtol=1e-5)
     assert state.hist_ref.shape == (3, 256)
     assert state.hist_ref[:, -1] == pytest.approx(1.0)
     assert np.all(np.diff(state.hist_ref, axis=1) >= 0)
@@ -138,6 +139,8 @@ def test_state_with_steps_off_round_trips():
     {"hist_ref": [[0.0] * 255] * 3},
     {"he_ref": [[float("nan"), 0.2]] * 3, "max_c_ref": [1, 1]},
     {"io": "bright"},
+    {"hist_ref": [[1.0] * 128 + [0.5] * 128] * 3},
+    {"version": 99},
     [1, 2, 3],
 ])
 def test_from_dict_rejects_malformed(bad):
@@ -223,6 +226,7 @@ def test_fit_rejects_background_reference():
     assert stain.fit_stain_state(white, macenko=False).he_ref is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(patches, state):
     batch = torch.from_numpy(np.concatenate([patches, np.full((1, 96, 96, 3), 250, np.uint8)]))

@@ -231,3 +231,62 @@ def test_amp_policy_and_threads(monkeypatch):
     torch.set_num_threads(1)
     assert devices.configure_cpu_threads() == 1          # an explicit lower setting is kept
     assert devices.configure_cpu_threads(2) == 2
+
+
+SIGINT_SCRIPT = r"""
+import multiprocessing, os, signal, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from conftest import write_tiny_store
+from uts_cli.errors import Interrupted
+from uts_cli.io.rundir import RunDir
+from uts_cli.io.store import PatchStore
+from uts_cli.model.cam import CamNet
+from uts_cli.model.train import TrainParams, fit
+from uts_cli.data import only_one_mitosis
+from pathlib import Path
+torch.set_num_threads(1)
+tmp, mode = Path(sys.argv[1]), sys.argv[3]
+st = PatchStore(write_tiny_store(tmp / "s.h5"))
+
+def ctrl_c(info):
+    if info.epoch == 1 and info.step == 1:
+        if mode == "group":   # what a terminal does: the main process and its workers
+            os.killpg(os.getpgid(0), signal.SIGINT)
+        else:                 # the workers alone: training must go on
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGINT)
+
+try:
+    fit(CamNet(n_blocks=1), st, only_one_mitosis(st), st.indices("val"),
+        TrainParams(epochs=2, batch_size=4, workers=1, steps_per_epoch=4), RunDir(tmp / mode).create(),
+        device=torch.device("cpu"), on_step=ctrl_c)
+except Interrupted as exc:
+    print("INTERRUPTED", exc.message)
+    sys.exit(130)
+print("COMPLETE")
+"""
+
+
+@pytest.mark.slow
+def test_real_sigint_with_workers(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = str(Path(__file__).resolve().parents[1])
+
+    def run(mode):
+        return subprocess.run([sys.executable, "-c", SIGINT_SCRIPT, str(tmp_path), tests_dir, mode],
+                              capture_output=True, text=True, timeout=120, start_new_session=True)
+
+    # Ctrl-C in a terminal: the current step finishes, last.pt is saved, exit code 130.
+    proc = run("group")
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "INTERRUPTED" in proc.stdout
+    ck = torch.load(RunDir(tmp_path / "group").checkpoint_path("last"), weights_only=True)
+    assert ck["epoch"] == 0 and ck["step_in_epoch"] == 1
+    # Workers ignore SIGINT (the main process decides), so a signal that reaches only them
+    # does not kill the data pipeline.
+    proc = run("workers")
+    assert proc.returncode == 0 and "COMPLETE" in proc.stdout, proc.stderr[-2000:]

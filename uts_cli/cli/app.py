@@ -62,14 +62,15 @@ def root(
 
 
 def _register() -> None:
-    from uts_cli.cli import distill, evaluate, normalize, prepare, teach
+    from uts_cli.cli import demo, distill, evaluate, normalize, prepare, teach
 
     for name, module, fn in (("prepare", prepare, prepare.prepare_cmd),
                              ("normalize", normalize, normalize.normalize_cmd),
                              ("teach", teach, teach.teach_cmd),
                              ("distill", distill, distill.distill_cmd),
                              # "eval" shadows a builtin, hence the module and function names.
-                             ("eval", evaluate, evaluate.eval_cmd)):
+                             ("eval", evaluate, evaluate.eval_cmd),
+                             ("demo", demo, demo.demo_cmd)):
         app.command(name, epilog=module.EXAMPLES + "\n\n" + EPILOG)(fn)
 
 

@@ -10,6 +10,10 @@ probability. Pixels and points go through the very same ``A``:
   elastic displacement, when drawn, being added to the same sampling grid. Areas that come from
   outside the patch are white, like the padding of border tiles.
 
+On CPU each path runs on its own subset of the batch. On a GPU both run on the whole batch and a
+per-sample select keeps the right one: selecting a subset needs its size on the host, and such a
+read waits for the GPU queue to drain, so host work and GPU work stop overlapping.
+
 Coordinates: points are ``(y, x)`` pixels with pixel centres at integer coordinates. With
 ``align_corners=False`` the normalised grid coordinate of pixel ``x`` is ``(2x + 1)/W - 1``, so the
 patch centre ``((W-1)/2, (H-1)/2)`` is the origin of both the pixel and the normalised frames.
@@ -76,9 +80,9 @@ def _linear_maps(u: torch.Tensor, cfg: AugmentConfig) -> tuple[torch.Tensor, ...
     angle = torch.where(rotate, lo + (hi - lo) * u[:, 5], torch.zeros_like(u[:, 5])) * (math.pi / 180)
     one = torch.ones_like(angle)
     flip = torch.diag_embed(torch.stack([torch.where(hflip, -one, one), torch.where(vflip, -one, one)], 1))
-    eye = torch.eye(2, device=u.device).expand(len(u), 2, 2)
-    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=u.device).expand(len(u), 2, 2)
-    trans = torch.where(transpose.view(-1, 1, 1), swap, eye)
+    # Constants are built on the device (a host-to-device copy would synchronise a GPU).
+    eye = torch.eye(2, device=u.device)
+    trans = torch.where(transpose.view(-1, 1, 1), eye.flip(0), eye)
     c, s = torch.cos(angle), torch.sin(angle)
     rot = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)
     return hflip, vflip, transpose, rotate, elastic, rot @ trans @ flip
@@ -112,28 +116,22 @@ def smooth_field(n: int, height: int, width: int, alpha_px: float, sigma_px: flo
     return F.interpolate(field, size=(height, width), mode="bilinear", align_corners=True)
 
 
-def _to_normalised(xy: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pixel ``(x, y)`` -> grid_sample coordinates (align_corners=False)."""
-    scale = torch.tensor([2.0 / width, 2.0 / height], device=xy.device)
-    return (xy + 0.5) * scale - 1.0
-
-
 def _invert_elastic(r_xy: torch.Tensor, disp: torch.Tensor, steps: int = 3) -> torch.Tensor:
-    """Solve ``p + d(p) = r`` for points ``r (n, K, 2)`` given fields ``disp (n, 2, H, W)``."""
-    height, width = disp.shape[-2:]
+    """Solve ``p + d(p) = r`` for points ``r (n, K, 2)`` given fields ``disp (n, 2, S, S)``."""
+    side = disp.shape[-1]
     p = r_xy
     for _ in range(steps):
-        g = _to_normalised(p, height, width).unsqueeze(2)           # (n, K, 1, 2)
+        g = ((p + 0.5) * (2.0 / side) - 1.0).unsqueeze(2)          # grid_sample coords (n, K, 1, 2)
         d = F.grid_sample(disp, g, mode="bilinear", padding_mode="border", align_corners=False)
         p = r_xy - d[..., 0].transpose(1, 2)                       # (n, K, 2)
     return p
 
 
-def _dihedral(x: torch.Tensor, hflip, vflip, transpose) -> None:
-    """Flip/transpose samples of ``x (B, C, H, W)`` in place, by index (exact, no interpolation).
+def _dihedral_subset(x: torch.Tensor, hflip, vflip, transpose) -> None:
+    """Flip/transpose samples of ``x (B, C, S, S)`` in place, by index (exact, no interpolation).
 
     Samples are grouped by their combination of the three flags, so each group costs one read,
-    one flip and one write, whatever the batch size.
+    one flip and one write. Used on CPU, where the data-dependent indexing costs nothing extra.
     """
     code = hflip.long() + 2 * vflip.long() + 4 * transpose.long()
     for c in torch.unique(code).tolist():
@@ -149,15 +147,49 @@ def _dihedral(x: torch.Tensor, hflip, vflip, transpose) -> None:
         x.index_copy_(0, idx, part)
 
 
+def _dihedral_all(x: torch.Tensor, hflip, vflip, transpose) -> torch.Tensor:
+    """Same as :func:`_dihedral_subset` with per-sample selects: no GPU synchronisation."""
+    x = torch.where(hflip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(vflip.view(-1, 1, 1, 1), x.flip(-2), x)
+    return torch.where(transpose.view(-1, 1, 1, 1), x.transpose(-1, -2), x)
+
+
+def _resample(x: torch.Tensor, a: torch.Tensor, elastic: torch.Tensor | None, r_xy: torch.Tensor,
+              generator: torch.Generator, cfg: AugmentConfig, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample path: affine (+ elastic) resampling of ``x (n, 3, S, S)`` float (consumed).
+
+    ``elastic`` None warps every sample; a bool mask warps those samples only (the others get a
+    zero field, which keeps the call free of data-dependent shapes).
+    """
+    n, _, side, _ = x.shape
+    # affine_grid maps output to input coordinates: the inverse of A, which is orthogonal, so its
+    # transpose. On a square patch the pixel->normalised scaling is the same on both axes and
+    # cancels out of the conjugation.
+    theta2 = a.transpose(1, 2)
+    theta = torch.cat([theta2, torch.zeros_like(theta2[:, :, :1])], dim=2)
+    grid = F.affine_grid(theta, [n, 3, side, side], align_corners=False)
+    if cfg.elastic:
+        disp = smooth_field(n, side, side, cfg.elastic_alpha * side, cfg.elastic_sigma * side,
+                            generator, x.device)
+        if elastic is not None:
+            disp = disp * elastic.view(-1, 1, 1, 1)
+        grid = grid + torch.einsum("bij,bjhw->bhwi", theta2, disp * (2.0 / side))
+        r_xy = _invert_elastic(r_xy, disp)
+    # Sample (image - fill) with zero padding, then add fill back: outside becomes the fill colour.
+    warped = F.grid_sample(x.sub_(fill), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped.add_(fill), r_xy
+
+
 def augment_batch(images: torch.Tensor, points: torch.Tensor, mask: torch.Tensor,
                   labels: torch.Tensor, generator: torch.Generator,
-                  config: AugmentConfig = AugmentConfig(), fill=WHITE) -> AugmentedBatch:
+                  config: AugmentConfig = AugmentConfig(), fill=WHITE,
+                  sync_free: bool | None = None) -> AugmentedBatch:
     """Augment a batch of square patches and their points with the same random transforms.
 
     Args:
-        images: uint8 ``(B, H, W, 3)`` pixels, or a float ``(B, 3, H, W)`` batch already scaled for
+        images: uint8 ``(B, S, S, 3)`` pixels, or a float ``(B, 3, S, S)`` batch already scaled for
             the network (``CamNet.prepare_input``; then pass its ``fill_value()``), on the target
-            device, ``H == W``. A float batch is modified in place and returned.
+            device. A float batch may be modified in place.
         points: float ``(B, K, 2)`` yx, patch-local pixels (padding rows arbitrary).
         mask: bool ``(B, K)``, True for real points.
         labels: ``(B,)`` weak labels (0/1, any numeric or bool dtype).
@@ -165,10 +197,15 @@ def augment_batch(images: torch.Tensor, points: torch.Tensor, mask: torch.Tensor
         config: probabilities and ranges.
         fill: value of areas brought in from outside the patch: white (255) for uint8 input, the
             scaled white (a scalar or ``(1, C, 1, 1)`` tensor) for a scaled float batch.
+        sync_free: how to split the batch between the exact and the resampling path. True: run
+            both paths on every sample and select per sample (no data-dependent shapes, so a GPU
+            never waits for the host); False: run each path on its own subset only (cheapest on
+            CPU). None picks True on CUDA. The pixels and points are the same either way; the
+            random draws of the elastic field differ.
 
     Returns:
-        An :class:`AugmentedBatch` with float ``(B, 3, H, W)`` images (0..255 for uint8 input). A
-        point stays valid only if it lands inside the frame (``-0.5 <= coord < side - 0.5``). A
+        An :class:`AugmentedBatch` with float ``(B, 3, S, S)`` images (0..255 for uint8 input). A
+        point stays valid only if it lands inside the frame (``-0.5 <= coord < S - 0.5``). A
         positive label becomes 0 when the sample had points and none is left; samples without
         points keep their label (e.g. pseudo-labels).
 
@@ -186,57 +223,35 @@ def augment_batch(images: torch.Tensor, points: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"augment_batch needs square RGB patches, got {tuple(images.shape)}")
     if points.shape[:2] != mask.shape or points.shape[0] != b:
         raise ValueError("points (B, K, 2) and mask (B, K) do not match the batch")
-    device = x.device
-    u = torch.rand(b, 6, generator=generator, device=device)
+    if sync_free is None:
+        sync_free = x.device.type == "cuda"
+    u = torch.rand(b, 6, generator=generator, device=x.device)
     hflip, vflip, transpose, rotate, elastic, a = _linear_maps(u, config)
-    centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0], device=device)
-
-    xy = points.flip(-1).float() - centre                           # centred (x, y)
-    new_xy = xy @ a.transpose(1, 2) + centre                        # A q + c, batched
-
+    centre = (width - 1) / 2.0
+    new_xy = (points.flip(-1).float() - centre) @ a.transpose(1, 2) + centre   # A q + c, batched
     resample = rotate | elastic
-    heavy = torch.nonzero(resample).flatten()
-    if len(heavy):
-        warped_img, warped_xy = _resample(x.index_select(0, heavy), a[heavy], elastic[heavy],
-                                          new_xy[heavy], generator, config, fill)
-        new_xy[heavy] = warped_xy
-    cheap = ~resample
-    _dihedral(x, hflip & cheap, vflip & cheap, transpose & cheap)
-    if len(heavy):
-        x.index_copy_(0, heavy, warped_img)
+    if sync_free:
+        warped, warped_xy = _resample(x.clone(), a, elastic, new_xy, generator, config, fill)
+        keep = ~resample
+        x = torch.where(resample.view(-1, 1, 1, 1), warped,
+                        _dihedral_all(x, hflip & keep, vflip & keep, transpose & keep))
+        new_xy = torch.where(resample.view(-1, 1, 1), warped_xy, new_xy)
+    else:
+        heavy = torch.nonzero(resample).flatten()
+        if len(heavy):
+            el = elastic[heavy] if config.elastic else None
+            warped, warped_xy = _resample(x.index_select(0, heavy), a[heavy], el, new_xy[heavy],
+                                          generator, config, fill)
+        keep = ~resample
+        _dihedral_subset(x, hflip & keep, vflip & keep, transpose & keep)
+        if len(heavy):
+            x.index_copy_(0, heavy, warped)
+            new_xy[heavy] = warped_xy
 
     new_points = new_xy.flip(-1)
-    lim_y, lim_x = height - 0.5, width - 0.5
-    inside = ((new_points[..., 0] >= -0.5) & (new_points[..., 0] < lim_y)
-              & (new_points[..., 1] >= -0.5) & (new_points[..., 1] < lim_x))
+    inside = ((new_points >= -0.5) & (new_points < width - 0.5)).all(dim=-1)
     new_mask = mask & inside
     had = mask.any(dim=1)
-    keep = ~had | new_mask.any(dim=1)
-    new_labels = (labels.bool() & keep).to(labels.dtype)
+    kept = ~had | new_mask.any(dim=1)
+    new_labels = (labels.bool() & kept).to(labels.dtype)
     return AugmentedBatch(x, new_points, new_mask, new_labels)
-
-
-def _resample(chw: torch.Tensor, a: torch.Tensor, elastic: torch.Tensor, r_xy: torch.Tensor,
-              generator: torch.Generator, cfg: AugmentConfig, fill) -> tuple[torch.Tensor, torch.Tensor]:
-    """grid_sample path: affine (+ elastic) resampling of ``chw (n, 3, H, W)`` float."""
-    n, _, height, width = chw.shape
-    device = chw.device
-    s = torch.tensor([2.0 / width, 2.0 / height], device=device)
-    # affine_grid maps output to input coordinates: inverse of A (orthogonal, so its transpose),
-    # conjugated by the pixel->normalised scaling.
-    theta2 = s.view(1, 2, 1) * a.transpose(1, 2) / s.view(1, 1, 2)
-    theta = torch.cat([theta2, torch.zeros(n, 2, 1, device=device)], dim=2)
-    grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
-    el = torch.nonzero(elastic).flatten()
-    if len(el):
-        side = float(max(height, width))
-        disp = smooth_field(len(el), height, width, cfg.elastic_alpha * side, cfg.elastic_sigma * side,
-                            generator, device)
-        disp_norm = disp * s.view(1, 2, 1, 1)
-        grid[el] = grid[el] + torch.einsum("bij,bjhw->bhwi", theta2[el], disp_norm)
-        r_xy = r_xy.clone()
-        r_xy[el] = _invert_elastic(r_xy[el], disp)
-    # Sample (image - fill) with zero padding, then add fill back: outside becomes the fill colour.
-    shifted = chw.sub_(fill)
-    warped = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return warped.add_(fill), r_xy
