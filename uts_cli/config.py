@@ -38,7 +38,7 @@ class PrepareConfig:
     root: Path | None = None            # None: ./local_data/datasets/<dataset>
     output: Path | None = None          # None: ./local_data/stores/<dataset>-p<patch>.h5
     patch_size: int = 500
-    compression: str = "gzip"
+    compression: str = "lzf"
     splits_file: Path | None = None
     min_tissue: float | None = None     # None: 0 for fields, 0.2 for whole slides
     overwrite: bool = False

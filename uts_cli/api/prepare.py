@@ -18,6 +18,7 @@ from uts_cli.tiling import assign_points, extract_tile, tile_grid
 # Whole-slide tiles are read and appended in blocks of this many patches to bound memory.
 WSI_BLOCK = 32
 WSI_DEFAULT_MIN_TISSUE = 0.2
+FIELD_MASK_STEP = 4
 # Annotations may sit up to half a pixel outside the image (a centre on the last pixel's edge).
 POINT_SLACK = 0.5
 
@@ -109,15 +110,17 @@ def _block_rows(rows: store.PatchRows, sel: slice) -> store.PatchRows:
 
 def _prepare_field(f, i: int, image: SourceImage, patch_size: int, min_tissue: float) -> tuple[int, int]:
     """Tile one high-power field read whole. Returns (patches written, tiles skipped)."""
-    from uts_cli.io.images import open_image, tissue_mask
+    from uts_cli.io.images import open_image, tissue_fraction, tissue_mask
 
     with open_image(image.path) as reader:
         rgb = reader.read()
     h, w = rgb.shape[:2]
     _check_points(image, h, w)
     grid = tile_grid(h, w, patch_size)
-    mask = tissue_mask(rgb)
-    tissue = np.array([mask[y:y + patch_size, x:x + patch_size].mean() for y, x in grid], np.float32)
+    # A mask at 1/4 resolution is plenty for a tissue fraction and 16x cheaper than a full one.
+    mask = tissue_mask(rgb[::FIELD_MASK_STEP, ::FIELD_MASK_STEP])
+    tissue = np.array([tissue_fraction(mask, int(y), int(x), patch_size, patch_size, 1 / FIELD_MASK_STEP)
+                       for y, x in grid], np.float32)
     keep = _kept_tiles(image, grid, tissue, (h, w), patch_size, min_tissue)
     rows = _tile_rows(image, lambda y, x: extract_tile(rgb, y, x, patch_size), grid, keep, tissue,
                       (h, w), patch_size)

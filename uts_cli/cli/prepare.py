@@ -44,7 +44,8 @@ def prepare_cmd(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Store to write (default ./local_data/stores/NAME-pSIZE.h5).", dir_okay=False)] = None,
     patch_size: Annotated[int, typer.Option("--patch-size", min=16, help="Patch side in pixels.")] = 500,
-    compression: Annotated[Compression, typer.Option(help="Compression of the patch pixels.")] = Compression.gzip,
+    compression: Annotated[Compression, typer.Option(
+        help="Compression of the patch pixels (lzf: fast; gzip: ~20% smaller, 3x slower to write).")] = Compression.lzf,
     splits: Annotated[Optional[Path], typer.Option(
         "--splits", help="CSV 'case,split' overriding the default train/val/test split.",
         exists=True, dir_okay=False)] = None,

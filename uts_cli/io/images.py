@@ -545,10 +545,11 @@ def tissue_mask(rgb_lowres: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an (h, w, 3) RGB array, got shape {rgb.shape}")
     if rgb.size == 0:
         return np.zeros(rgb.shape[:2], bool)
-    values = rgb.astype(np.float32)
-    high = values.max(axis=2)
-    low = values.min(axis=2)
-    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0)
+    # Channel-wise max/min on the raw uint8 planes: a float copy of a whole field costs more
+    # than the rest of the mask.
+    high = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    low = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    saturation = (high - low).astype(np.float32) / np.maximum(high, 1).astype(np.float32)
     if float(saturation.max()) - float(saturation.min()) < 1e-6:
         threshold = float(saturation.flat[0])
     else:

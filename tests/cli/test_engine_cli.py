@@ -1,0 +1,158 @@
+"""teach -> distill -> eval through the CLI on a tiny store, and the engine commands' error paths."""
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_tiny_store
+from uts_cli.cli.app import app
+
+ENV = {"NO_COLOR": "1", "TERMINAL_WIDTH": "120"}
+runner = CliRunner()
+TINY = ["--weights", "none", "--n-blocks", "1", "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "3",
+        "--workers", "0", "--device", "cpu", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny store with clean truth and a teacher run trained on it (module scoped: built once)."""
+    root = tmp_path_factory.mktemp("engine")
+    store = write_tiny_store(root / "tiny.h5", n_images=10, with_truth=True)
+    runs = root / "runs"
+    r = runner.invoke(app, ["teach", str(store), "--name", "t", "--runs-dir", str(runs), "--json", *TINY], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    return store, runs, json.loads(r.stdout)
+
+
+def _set_teacher_threshold(runs, value):
+    cfg_path = runs / "t" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["threshold"] = value
+    cfg_path.write_text(json.dumps(cfg))
+
+
+def test_teach_writes_a_complete_run(trained):
+    store, runs, doc = trained
+    assert doc["ok"] and doc["status"] == "complete" and doc["epochs_done"] == 1
+    run = runs / "t"
+    for name in ("config.json", "history.csv", "history.png", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run / name).exists(), name
+    cfg = json.loads((run / "config.json").read_text())
+    for key in ("threshold", "pixel_threshold", "input_size", "pixel_size_um", "stain", "model"):
+        assert key in cfg, key
+    assert cfg["input_size"] == 64 and cfg["model"]["n_blocks"] == 1
+
+
+def test_eval_reports_patch_region_and_image_level(trained, tmp_path):
+    store, runs, _ = trained
+    out = tmp_path / "ev"
+    r = runner.invoke(app, ["eval", "t", "--runs-dir", str(runs), "--json", "--device", "cpu", "--overlays",
+                            "-o", str(out)], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["truth"] == "clean" and doc["split"] == "test"
+    for level in ("patch", "region", "image_level"):
+        assert {"tp", "fp", "fn", "precision", "recall", "f1"} <= set(doc[level])
+    header = (out / "matches.csv").read_text().splitlines()[0]
+    assert header == "image,status,y,x,score,area,distance"
+    assert list((out / "overlays").glob("*.png"))
+    legacy = runner.invoke(app, ["eval", "t", "--runs-dir", str(runs), "--json", "--device", "cpu",
+                                 "--matching", "legacy", "-o", str(tmp_path / "lg")], env=ENV)
+    assert json.loads(legacy.stdout)["matching"] == "legacy"
+
+
+def test_distill_pseudolabel_trains_a_student_and_writes_review_files(trained):
+    store, runs, _ = trained
+    from uts_cli.io.store import PatchStore
+    from uts_cli.model.predict import load_run_model, predict_scores
+    import torch
+
+    model, _ = load_run_model(runs / "t", "best", "cpu")
+    s = PatchStore(store)
+    probs = predict_scores(model, s, s.indices("train"), torch.device("cpu"), batch_size=8)
+    _set_teacher_threshold(runs, float(np.median(probs)))  # both classes among the teacher's decisions
+    r = runner.invoke(app, ["distill", "--teacher", "t", "--name", "s", "--runs-dir", str(runs), "--pseudolabel",
+                            "--workers", "0", "--device", "cpu", "--json"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["pseudolabel"] and doc["n_train_kept"] == doc["n_train_before"]
+    student = runs / "s"
+    assert (student / "checkpoints" / "best.pt").exists()
+    cfg = json.loads((student / "config.json").read_text())
+    assert cfg["command"] == "distill" and cfg["distill"]["pseudolabel"] is True
+    assert cfg["config"]["n_blocks"] == 1  # inherited from the teacher
+    rows = (student / "distill" / "removed.csv").read_text().splitlines()
+    assert rows[0].startswith("patch,split,image")
+    if len(rows) > 1:
+        assert all(",relabelled," in row for row in rows[1:])
+        geo = list((student / "distill" / "geojson").glob("*.geojson"))
+        assert geo and json.loads(geo[0].read_text())["type"] == "FeatureCollection"
+
+
+def test_distill_refuses_when_teacher_rejects_almost_everything(trained):
+    store, runs, _ = trained
+    _set_teacher_threshold(runs, 1.01)  # every patch called negative: all positives are disagreements
+    r = runner.invoke(app, ["distill", "--teacher", "t", "--name", "s2", "--runs-dir", str(runs), "--workers", "0",
+                            "--device", "cpu"], env=ENV)
+    assert r.exit_code == 3, r.stderr
+    assert "too few to train a student" in r.stderr and "Hint:" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_existing_run_needs_resume_or_overwrite(trained):
+    store, runs, _ = trained
+    r = runner.invoke(app, ["teach", str(store), "--name", "t", "--runs-dir", str(runs), *TINY], env=ENV)
+    assert r.exit_code == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_resume_of_a_finished_run_extends_it(trained, tmp_path):
+    store, _, _ = trained
+    runs = tmp_path / "runs"
+    args = ["teach", str(store), "--name", "r", "--runs-dir", str(runs), *TINY]
+    assert runner.invoke(app, args, env=ENV).exit_code == 0
+    more = [a if a != "1" or args[i - 1] != "--epochs" else "2" for i, a in enumerate(args)]
+    r = runner.invoke(app, more + ["--resume", "--json"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    epochs = [row["epoch"] for row in json.loads(r.stdout)["history"]]
+    assert epochs == [1, 2]
+
+
+def test_cuda_requested_without_cuda_is_resource_error(tiny_store, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = runner.invoke(app, ["teach", str(tiny_store), "--name", "x", "--runs-dir", str(tmp_path), "--device", "cuda",
+                            "--weights", "none"], env=ENV)
+    assert r.exit_code == 4
+    assert "CUDA" in r.stderr and "--device cpu" in r.stderr
+
+
+def test_unknown_run_and_run_without_checkpoint(tmp_path):
+    r = runner.invoke(app, ["eval", "nope", "--runs-dir", str(tmp_path)], env=ENV)
+    assert r.exit_code == 3 and "Error:" in r.stderr
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    r = runner.invoke(app, ["eval", "empty", "--runs-dir", str(tmp_path), "--device", "cpu"], env=ENV)
+    assert r.exit_code == 3 and "Error:" in r.stderr
+    r = runner.invoke(app, ["distill", "--teacher", "empty", "--name", "s", "--runs-dir", str(tmp_path)], env=ENV)
+    assert r.exit_code == 3 and "Error:" in r.stderr
+
+
+def test_store_from_another_schema_is_refused(tiny_store, tmp_path):
+    import h5py
+
+    with h5py.File(tiny_store, "r+") as f:
+        f.attrs["schema_version"] = 2
+    r = runner.invoke(app, ["teach", str(tiny_store), "--name", "x", "--runs-dir", str(tmp_path),
+                            "--weights", "none"], env=ENV)
+    assert r.exit_code == 3 and "schema version 2" in r.stderr
+
+
+def test_imagenet_weights_unavailable_offline_is_explained(tiny_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    r = runner.invoke(app, ["teach", str(tiny_store), "--name", "x", "--runs-dir", str(tmp_path), "--device", "cpu",
+                            "--weights", "imagenet"], env=ENV)
+    assert r.exit_code == 4
+    assert "--weights none" in r.stderr or "--weights PATH" in r.stderr
