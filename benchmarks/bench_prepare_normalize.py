@@ -6,7 +6,7 @@ renderer) at two sizes, each of four steps runs in its own fresh process:
   (a) naive prepare: read each TIFF whole, tile it with the original loop (``while x + P < W``,
       which drops the last tile of a side that is an exact multiple of P: 3 x 3 tiles of a
       2000 px field) and write one PNG plus one label CSV per patch;
-  (b) ``python -m uts_cli prepare TUPAC16 --root ... -o ...`` (default patch size, gzip);
+  (b) ``python -m uts_cli prepare TUPAC16 --root ... -o ...`` (default patch size and compression);
   (c) naive normalize: per PNG patch, read it, ``skimage.exposure.match_histograms`` to the
       reference, then torchstain's ``MacenkoNormalizer(backend="torch")`` (fitted once on the
       reference) ``.normalize()``; patches where Macenko fails pass through; write a PNG;
@@ -208,7 +208,7 @@ def report(results: dict[int, list[dict]], machine: dict, args, elapsed: float) 
           "*tree PSS*: peak PSS summed over the process tree, sampled every 0.2 s.",
           "- naive normalize: `match_histograms(patch, ref, channel_axis=-1)`, then torchstain "
           "`MacenkoNormalizer(backend=\"torch\")` `.normalize(I, stains=True)` (its documented call) "
-          "per patch, one PNG per patch; uts normalize writes a gzip HDF5 store.", "",
+          "per patch, one PNG per patch; uts normalize writes an HDF5 store (default lzf compression).", "",
           "## Per step", "",
           _common.markdown_table(["fields", "step", "approach", "patches", "wall s", "patches/s (wall)",
                                   "work s", "patches/s (work)", "peak RSS MB", "tree PSS MB"], table), "",

@@ -74,7 +74,7 @@ def _crops(rng: np.random.Generator, fields: list, n: int, p: int):
 
 
 def build_store(path: Path, n_patches: int, patch_size: int, seed: int = 0) -> Path:
-    """Write (or reuse) a complete gzip store of ``n_patches`` realistic patches.
+    """Write (or reuse) a complete lzf store (the product default) of ``n_patches`` realistic patches.
 
     The last ``VAL_PATCHES`` patches form the val split, the rest train.
     """
@@ -94,7 +94,7 @@ def build_store(path: Path, n_patches: int, patch_size: int, seed: int = 0) -> P
     cfg = {"dataset": "bench", "n_patches": n_patches, "patch_size": patch_size, "seed": seed}
     f = store.create_partial(path, attrs={"config_json": json.dumps(cfg), "config_hash": store.config_hash(cfg),
                                           "dataset": "bench"},
-                             patch_size=patch_size, compression="gzip", has_truth=False)
+                             patch_size=patch_size, compression="lzf", has_truth=False)
     try:
         store.write_images_table(f, rows)
         for i, (_, count) in enumerate(blocks):
@@ -111,41 +111,60 @@ def build_store(path: Path, n_patches: int, patch_size: int, seed: int = 0) -> P
 # --------------------------------------------------------------------------------------------
 
 
-def model_only(arch: str, n_blocks: int, batch_size: int, patch_size: int, steps: int, warmup: int) -> None:
-    """Train steps on one fixed in-memory batch; print samples/s as JSON."""
+def model_only(arch: str, n_blocks: int, batch_size: int, patch_size: int, steps: int, warmup: int,
+               device: str = "cpu") -> None:
+    """Train steps on one fixed batch already on the device; print samples/s as JSON.
+
+    On CUDA it uses what ``fit`` uses there (the same AMP policy and channels-last), so the ratio
+    compares like with like.
+    """
     import torch
     import torch.nn.functional as F
 
-    from uts_cli.devices import configure_cpu_threads
+    from uts_cli.devices import configure_cpu_threads, resolve_amp, resolve_device
     from uts_cli.model.cam import CamNet
 
-    threads = configure_cpu_threads()
+    dev = resolve_device(device)
+    threads = configure_cpu_threads() if dev.type == "cpu" else torch.get_num_threads()
+    amp = resolve_amp("auto", dev)
     torch.manual_seed(0)
-    model = CamNet(arch=arch, n_blocks=n_blocks).train()
+    channels_last = dev.type == "cuda"
+    model = CamNet(arch=arch, n_blocks=n_blocks).to(dev).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    pixels = torch.randint(0, 256, (batch_size, patch_size, patch_size, 3), dtype=torch.uint8)
-    x = model.prepare_input(pixels)
-    y = (torch.arange(batch_size) % 2).float()
+    scaler = torch.amp.GradScaler(enabled=amp.needs_scaler)
+    pixels = torch.randint(0, 256, (batch_size, patch_size, patch_size, 3), dtype=torch.uint8, device=dev)
+    x = model.prepare_input(pixels, channels_last=channels_last)
+    y = (torch.arange(batch_size, device=dev) % 2).float()
 
     def step() -> None:
-        logits, _ = model(x)
-        loss = F.binary_cross_entropy_with_logits(logits, y)
+        with amp.autocast():
+            logits, _ = model(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     for _ in range(warmup):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     seconds = time.perf_counter() - t0
     print(json.dumps({"samples_per_s": steps * batch_size / seconds, "seconds": seconds,
                       "steps": steps, "threads": threads}))
 
 
 def teach(store: str, runs_dir: str, arch: str, n_blocks: int, batch_size: int, steps: int,
-          workers: int, augment: bool) -> None:
+          workers: int, augment: bool, device: str = "cpu") -> None:
     """Two epochs of ``train_run``; print the 2nd epoch's training throughput as JSON."""
     import torch
 
@@ -154,7 +173,7 @@ def teach(store: str, runs_dir: str, arch: str, n_blocks: int, batch_size: int, 
 
     cfg = TeachConfig(store=Path(store), name="bench", runs_dir=Path(runs_dir), arch=arch, n_blocks=n_blocks,
                       weights="none", epochs=2, batch_size=batch_size, steps_per_epoch=steps,
-                      workers=workers, device="cpu", augment=augment, overwrite=True)
+                      workers=workers, device=device, augment=augment, overwrite=True)
     result = train_run(cfg)
     last = result.history[-1]
     print(json.dumps({"samples_per_s": float(last["samples_per_s"]),
@@ -172,14 +191,14 @@ def teach(store: str, runs_dir: str, arch: str, n_blocks: int, batch_size: int, 
 def run_model_only(args) -> dict:
     c = _common.python_child(
         f"import bench_teach as b; b.model_only({args.arch!r}, {args.n_blocks}, {args.batch_size}, "
-        f"{args.patch_size}, {args.steps}, {args.warmup})")
+        f"{args.patch_size}, {args.steps}, {args.warmup}, {args.device!r})")
     return {**c.json_tail(), "wall_s": c.wall_s, "peak_rss_mb": c.maxrss_mb, "tree_pss_mb": c.tree_pss_mb}
 
 
 def run_teach(args, store: Path, runs_dir: Path, augment: bool = True) -> dict:
     c = _common.python_child(
         f"import bench_teach as b; b.teach({str(store)!r}, {str(runs_dir)!r}, {args.arch!r}, {args.n_blocks}, "
-        f"{args.batch_size}, {args.steps}, {args.workers}, {augment})")
+        f"{args.batch_size}, {args.steps}, {args.workers}, {augment}, {args.device!r})")
     return {**c.json_tail(), "wall_s": c.wall_s, "peak_rss_mb": c.maxrss_mb, "tree_pss_mb": c.tree_pss_mb}
 
 
@@ -196,7 +215,7 @@ def report(runs: list[dict], args, machine: dict, elapsed: float) -> tuple[str, 
           f"model-only: {args.steps} steps after {args.warmup} warm-up steps on one fixed in-memory batch "
           f"(no data loading, no augmentation). teach: `train_run`, ImageNet weights off, 2 epochs of "
           f"{args.steps} steps, samples/s of epoch 2 from `history.csv` (training loop only; validation on "
-          f"{VAL_PATCHES} patches not timed). Stores: gzip, crops of {SOURCE_FIELDS} rendered "
+          f"{VAL_PATCHES} patches not timed). Stores: lzf (the default), crops of {SOURCE_FIELDS} rendered "
           f"{SOURCE_FIELD} px H&E fields, about a quarter positive.", "",
           "- *ratio*: samples/s over the mean of the model-only runs "
           f"({reference:.1f} samples/s).",
@@ -234,6 +253,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="untimed model-only steps first (default 5)")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of teach (default 1)")
     ap.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model-only then uses the same AMP as fit)")
     ap.add_argument("--n-blocks", type=int, default=3, help="ResNet stages kept (default 3)")
     ap.add_argument("--ablate-augment", action="store_true",
                     help="also run teach with augmentation off at the largest size")

@@ -19,11 +19,11 @@ from uts_cli.reporting import NullReporter, Reporter
 class DemoConfig:
     workdir: Path = Path("uts-demo")
     seed: int = 0
-    patch_size: int = 256
+    patch_size: int = 128
     n_blocks: int = 3
-    epochs: int = 6
-    steps_per_epoch: int = 25
-    batch_size: int = 16
+    epochs: int = 8
+    steps_per_epoch: int = 50
+    batch_size: int = 32
     lr: float = 1e-3
     pixel_threshold: str = "localization"
     criterion: str = "TP"

@@ -123,6 +123,8 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
         return yx[kind == 0]
 
     indices = store.indices(cfg.split)
+    # Images shipped without labels (MIDOG21 151-200) would make every detection a false positive.
+    indices = indices[store.image_labelled[store.image_idx[indices]]]
     if len(indices) == 0:
         raise InputDataError(f"store {store.path} has no {cfg.split} patches", hint="choose another --split")
     out_dir = Path(cfg.output) if cfg.output else run.path / f"eval-{cfg.split}"

@@ -150,22 +150,6 @@ def _create_output(src: store.PatchStore, out: Path, cfg: NormalizeConfig, chash
     return f
 
 
-def _reopen_output(out: Path, chash: str) -> h5py.File | None:
-    part = store.partial_path(out)
-    if not part.exists():
-        return None
-    try:
-        f = h5py.File(part, "r+")
-    except OSError:
-        part.unlink()
-        return None
-    if f.attrs.get("config_hash") == chash and "normalization" in f:
-        return f
-    f.close()
-    part.unlink()
-    return None
-
-
 def _prefetch(src: store.PatchStore, starts: list[int], n: int, block: int):
     """Read blocks in a background thread so decompression overlaps normalization."""
     q: queue.Queue = queue.Queue(maxsize=2)
@@ -229,7 +213,7 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
                compression=compression)
     chash = store.config_hash(key)
 
-    f = _reopen_output(out, chash)
+    f = store.open_partial_for_resume(out, chash, required_group="normalization")
     resumed = 0
     if f is not None:
         state = StainState.from_dict(json.loads(f["normalization"].attrs["state_json"]))

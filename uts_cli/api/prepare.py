@@ -166,7 +166,7 @@ def _image_row(image: SourceImage) -> dict:
         shape = tuple(int(s) for s in reader.shape)
         pixel_size = image.pixel_size_um if image.pixel_size_um is not None else reader.pixel_size_um
     return {"id": image.image_id, "case_id": image.case_id, "path": str(image.path), "shape": shape,
-            "split": image.split, "pixel_size_um": pixel_size}
+            "split": image.split, "pixel_size_um": pixel_size, "labelled": image.labelled}
 
 
 def prepare(cfg: PrepareConfig, reporter: Reporter | None = None) -> PrepareResult:

@@ -165,6 +165,8 @@ def write_images_table(f: h5py.File, rows: list[dict[str, Any]]) -> None:
     g.create_dataset("split", data=np.array([SPLIT_CODES[r["split"]] for r in rows], dtype=np.uint8))
     g.create_dataset("pixel_size_um", data=np.array(
         [np.nan if r.get("pixel_size_um") is None else r["pixel_size_um"] for r in rows], dtype=np.float32))
+    # False for images a dataset ships without labels (MIDOG21 151-200): never scored.
+    g.create_dataset("labelled", data=np.array([bool(r.get("labelled", True)) for r in rows], dtype=bool))
     g.create_dataset("patch_start", data=np.zeros(n, np.int64))
     g.create_dataset("patch_count", data=np.zeros(n, np.int64))
     g.create_dataset("n_skipped", data=np.zeros(n, np.int64))  # background tiles left out
@@ -255,8 +257,11 @@ def finalize(f: h5py.File, path: Path) -> None:
     os.replace(partial_path(path), path)
 
 
-def open_partial_for_resume(path: Path, expected_hash: str) -> h5py.File | None:
+def open_partial_for_resume(path: Path, expected_hash: str, required_group: str = "images") -> h5py.File | None:
     """Reopen ``<path>.partial`` for appending if it was made with the same configuration.
+
+    ``required_group`` is a group the writer creates first (``normalization`` for ``normalize``);
+    a partial file without it never got past its creation.
 
     Returns:
         The open file, trimmed to its last committed unit, or None when there is no usable partial
@@ -273,7 +278,7 @@ def open_partial_for_resume(path: Path, expected_hash: str) -> h5py.File | None:
         return None
     try:
         ok = (f.attrs.get("format") == FORMAT and f.attrs.get("config_hash") == expected_hash
-              and "images" in f)
+              and required_group in f)
         if ok:
             trim_to_committed(f)
             return f
@@ -328,6 +333,7 @@ class PatchStore:
             self.image_shape = img["shape"][...]
             self.image_split = img["split"][...]
             self.image_pixel_size = img["pixel_size_um"][...]
+            self.image_labelled = img["labelled"][...]
             self.image_patch_start = img["patch_start"][...]
             self.image_patch_count = img["patch_count"][...]
             p = f["patches"]
