@@ -90,3 +90,10 @@ def test_resume_trims_uncommitted_rows(tmp_path):
     g.close()
     assert store.open_partial_for_resume(tmp_path / "p.h5", "other-hash") is None
     assert not store.partial_path(tmp_path / "p.h5").exists()
+
+
+def test_damaged_store_missing_a_dataset_is_input_error(tiny_store):
+    with h5py.File(tiny_store, "r+") as f:
+        del f["patches/label"]
+    with pytest.raises(InputDataError, match="damaged or incompatible"):
+        store.PatchStore(tiny_store)

@@ -350,6 +350,10 @@ class PatchStore:
             self.normalization_ok = f["normalization/ok"][...] if "normalization/ok" in f else None
             self.stain_state = (json.loads(f["normalization"].attrs["state_json"])
                                 if "normalization" in f else None)
+        except (KeyError, ValueError) as exc:
+            # A complete file with a missing or unreadable member was damaged or hand-edited.
+            raise InputDataError(f"store {self.path} is damaged or incompatible ({exc})",
+                                 hint="recreate it with `uts prepare` (and `uts normalize`)") from None
         finally:
             f.close()
 
