@@ -17,6 +17,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 from uts_cli.api.demo import DemoConfig, demo
+from uts_cli.api.evaluate import evaluate
+from uts_cli.api.teach import teach
+from uts_cli.config import EvalConfig, TeachConfig
+
+
+def control_teacher(res, cfg: DemoConfig) -> dict:
+    """A teacher trained for the teacher's plus the student's steps, on the same store.
+
+    If the student's gain were only the extra training round, this teacher would match it.
+    """
+    runs = Path(cfg.workdir) / "runs"
+    name = f"teacher2x-s{cfg.seed}"
+    teach(TeachConfig(store=res.store, name=name, runs_dir=runs, n_blocks=cfg.n_blocks, weights="none",
+                      epochs=2 * cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size,
+                      lr=cfg.lr, pixel_threshold=cfg.pixel_threshold, seed=cfg.seed, workers=cfg.workers,
+                      device=cfg.device, overwrite=True))
+    ev = evaluate(EvalConfig(run=runs / name, split="test", device=cfg.device))
+    return {"run": str(ev.run), "threshold": ev.threshold, "region": ev.region, "image_level": ev.image_level}
 
 
 def _fmt(values: list[float]) -> str:
@@ -32,6 +50,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/science.md"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--criterion", default="TP")
+    parser.add_argument("--control", action="store_true",
+                        help="also train a teacher for twice the steps (the student's compute) as a control")
     args = parser.parse_args(argv)
 
     rows, raw = [], []
@@ -39,16 +59,19 @@ def main(argv: list[str]) -> int:
     for seed in args.seeds:
         cfg = DemoConfig(workdir=args.workdir / f"seed{seed}", seed=seed, device=args.device, criterion=args.criterion)
         res = demo(cfg)
-        raw.append(asdict(res))
+        models = {"teacher": res.teacher, "student": res.student}
+        if args.control:
+            models["teacher 2x steps"] = control_teacher(res, cfg)
+        raw.append({**asdict(res), "controls": {k: v for k, v in models.items() if k.startswith("teacher 2x")}})
         d = res.distill
-        for who in ("teacher", "student"):
-            r = getattr(res, who)["region"]
+        for who, m in models.items():
+            r = m["region"]
             rows.append({"seed": seed, "model": who, **{k: r[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")},
-                         "image_f1": getattr(res, who)["image_level"]["f1"],
-                         "threshold": getattr(res, who)["threshold"]})
-        rows[-1]["kept"] = f"{d['n_train_kept']}/{d['n_train_before']}"
-        rows[-1]["removed"] = f"{d['removed_true_lookalikes']} look-alike / {d['removed_true_mitoses']} real"
-        print(json.dumps(rows[-2:]), flush=True)
+                         "image_f1": m["image_level"]["f1"], "threshold": m["threshold"]})
+            if who == "student":
+                rows[-1]["kept"] = f"{d['n_train_kept']}/{d['n_train_before']}"
+                rows[-1]["removed"] = f"{d['removed_true_lookalikes']} look-alike / {d['removed_true_mitoses']} real"
+        print(json.dumps(rows[-len(models):]), flush=True)
 
     lines = ["# Teacher vs student on the synthetic dataset", "",
              f"Command: `python {' '.join(['benchmarks/science.py', *argv])}`  ",
@@ -62,7 +85,7 @@ def main(argv: list[str]) -> int:
                      f"{r['tp']} | {r['fp']} | {r['fn']} | {r['image_f1']:.3f} | {r['threshold']:.2f} | "
                      f"{r.get('kept', '')} | {r.get('removed', '')} |")
     lines += ["", "| model | precision | recall | F1 (mean ± sd over seeds) |", "| --- | --- | --- | --- |"]
-    for who in ("teacher", "student"):
+    for who in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == who]
         lines.append(f"| {who} | {_fmt([r['precision'] for r in sel])} | {_fmt([r['recall'] for r in sel])} | "
                      f"{_fmt([r['f1'] for r in sel])} |")

@@ -22,8 +22,11 @@ from uts_cli.errors import InputDataError, ResourceError, UsageError
 from uts_cli.io import store
 from uts_cli.reporting import NullReporter, Reporter
 
-# Patches per committed block: the unit of resume. Bigger blocks commit less often.
-BLOCK = 256
+# Bytes of pixels per committed block (the unit of resume, and of read-ahead). A fixed byte size
+# keeps peak memory flat whatever the patch size and the number of patches.
+BLOCK_BYTES = 48 * 1024 * 1024
+# Fixed block length in patches; None derives it from BLOCK_BYTES (tests set it small).
+BLOCK: int | None = None
 # A store-chosen reference is rebuilt from at most this many patches per side around the centre.
 REFERENCE_MAX_TILES = 4
 
@@ -150,9 +153,18 @@ def _create_output(src: store.PatchStore, out: Path, cfg: NormalizeConfig, chash
     return f
 
 
+def block_length(patch_size: int) -> int:
+    """Patches per block: ``BLOCK`` when set, else about ``BLOCK_BYTES`` of pixels."""
+    return BLOCK or max(1, BLOCK_BYTES // (patch_size * patch_size * 3))
+
+
 def _prefetch(src: store.PatchStore, starts: list[int], n: int, block: int):
-    """Read blocks in a background thread so decompression overlaps normalization."""
-    q: queue.Queue = queue.Queue(maxsize=2)
+    """Read blocks in a background thread so decompression overlaps normalization.
+
+    At most one block waits in the queue, so memory holds about three blocks at a time: the one
+    being normalized, the one waiting and the one being read.
+    """
+    q: queue.Queue = queue.Queue(maxsize=1)
 
     def work():
         try:
@@ -231,8 +243,9 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
         ok_ds, rgb_ds = f["normalization/ok"], f["patches/rgb"]
         reporter.start("normalize", n)
         reporter.advance(resumed)
-        starts = list(range(resumed, n, BLOCK))
-        for s, block in _prefetch(src, starts, n, BLOCK):
+        block_len = block_length(src.patch_size)
+        starts = list(range(resumed, n, block_len))
+        for s, block in _prefetch(src, starts, n, block_len):
             e = s + len(block)
             oks = []
             for b in range(0, len(block), cfg.batch_size):
