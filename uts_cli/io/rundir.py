@@ -133,7 +133,7 @@ class RunDir:
         """
         if not self.path.is_dir():
             raise InputDataError(f"run directory not found: {self.path}",
-                                 hint="pass the --run-dir of a run made by `uts teach` or `uts distill`")
+                                 hint="check the run name and --runs-dir (runs are folders made by `uts teach` or `uts distill`)")
         if not self.config_path.is_file():
             raise InputDataError(f"not a uts run (no config.json): {self.path}",
                                  hint="pass the directory `uts teach` wrote, or start a new run")
@@ -228,7 +228,7 @@ class RunDir:
         if not path.is_file():
             if not self.path.is_dir():
                 raise InputDataError(f"run directory not found: {self.path}",
-                                     hint="pass the --run-dir of a run made by `uts teach`")
+                                     hint="check the run name and --runs-dir (runs are folders made by `uts teach`)")
             raise InputDataError(f"checkpoint not found: {path}",
                                  hint="the run has not finished an epoch yet; train it with "
                                       "`uts teach` (or continue it with --resume)")
