@@ -4,6 +4,7 @@ The same ``train_run`` trains the student of ``distill`` on a filtered index set
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,8 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
 
     reporter = reporter or NullReporter()
     t0 = time.monotonic()
+    # Recorded absolute, so `eval` and `distill` find the store from any working directory.
+    cfg = dataclasses.replace(cfg, store=Path(cfg.store).resolve())
     _check_name(cfg.name)
     if cfg.pixel_threshold not in PIXEL_THRESHOLD_MODES:
         raise UsageError(f"unknown --pixel-threshold {cfg.pixel_threshold!r}",
