@@ -238,3 +238,38 @@ def test_corrupt_partial_is_discarded_and_rebuilt(tmp_path):
                       env=ENV)
     assert r.exit_code == 0, r.stderr
     assert len(PatchStore(out)) == 4
+
+
+def test_ccmct_whole_slide_region_reads_with_tissue_filter(tmp_path):
+    """A tiled, pyramidal (SubIFD) zlib TIFF named .svs: tiles of glass are skipped, tiles with an
+    annotation are kept even on glass, and kept patches equal the slide's pixels."""
+    rng = np.random.default_rng(8)
+    root = tmp_path / "CCMCT"
+    (root / "WSI").mkdir(parents=True)
+    slide = np.full((1024, 1536, 3), 245, np.uint8)                    # glass
+    slide[512:] = _field(rng, 512, 1536)                                 # tissue in the lower half
+    slide[512:, :, 1] = 110                                              # saturated pink: clearly tissue
+    name = "be10fa37ad6e88e1f406"  # a test slide of the original split
+    with tifffile.TiffWriter(root / "WSI" / f"{name}.svs") as tw:
+        tw.write(slide, photometric="rgb", tile=(256, 256), compression="zlib", subifds=1)
+        tw.write(slide[::4, ::4], photometric="rgb", tile=(64, 64), compression="zlib", subfiletype=1)
+    anns = [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [600, 700, 650, 750]},   # on tissue
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [100, 100, 150, 150]}]   # on glass
+    (root / "MITOS_WSI_CCMCT_MEL.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": f"{name}.svs", "width": 1536, "height": 1024}],
+        "categories": [{"id": 2, "name": "Mitotic figure"}, {"id": 7, "name": "Mitotic figure lookalike"}],
+        "annotations": anns}))
+    out = tmp_path / "w.h5"
+    r = runner.invoke(app, ["prepare", "CCMCT", "--root", str(root), "-o", str(out), "--patch-size", "256",
+                            "--json"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    # 4 x 6 grid; the 12 lower tiles are tissue, the upper 12 glass except the one with a look-alike
+    assert doc["n_patches"] == 13 and doc["n_skipped_background"] == 11
+    assert doc["n_points"] == 1 and doc["n_hard_negatives"] == 1
+    s = PatchStore(out)
+    for k in range(len(s)):
+        y, x = s.origin[k]
+        np.testing.assert_array_equal(s.read_rgb(k), slide[y:y + 256, x:x + 256])
+    np.testing.assert_allclose(s.image_points(0), [[725, 625]])
+    np.testing.assert_allclose(s.image_points(0, kind=1), [[125, 125]])
