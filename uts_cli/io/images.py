@@ -24,6 +24,7 @@ copy) and :func:`tissue_fraction` (the tissue share of a full-resolution window)
 """
 from __future__ import annotations
 
+import abc
 import math
 import re
 import struct
@@ -116,7 +117,7 @@ def list_image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     return found
 
 
-class ImageReader:
+class ImageReader(abc.ABC):
     """Read access to one RGB image (a field or a pyramidal slide); use as a context manager.
 
     Attributes:
@@ -211,10 +212,11 @@ class ImageReader:
         scale = 0.5 * (rgb.shape[0] / full_h + rgb.shape[1] / full_w)
         return rgb, float(scale)
 
+    @abc.abstractmethod
     def _read_window(
         self, level: int, y0: int, y1: int, x0: int, x1: int, stride: int = 1
     ) -> np.ndarray:
-        raise NotImplementedError
+        """Pixels of rows ``y0:y1`` and columns ``x0:x1`` of a pyramid level, every ``stride``-th."""
 
     def _read_whole(self) -> np.ndarray:
         """Full-resolution pixels as a new array (never the reader's cached one)."""
