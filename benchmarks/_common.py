@@ -343,3 +343,8 @@ def make_tupac16(root: Path, n_fields: int, *, field_size: int = TUPAC_FIELD, se
             log(f"  rendered {i + 1}/{n_fields} fields ({time.perf_counter() - t0:.0f} s)")
     marker.write_text(json.dumps(spec), encoding="utf-8")
     return root
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (stdout carries the report)."""
+    print(msg, file=sys.stderr, flush=True)

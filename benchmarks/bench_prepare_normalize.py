@@ -270,9 +270,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    log = _common.log
     t0 = time.perf_counter()
     machine = _common.machine_info()
     data_root = args.workdir / "prepare_normalize" / "data"
