@@ -141,10 +141,9 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
         cams = batch.cams.astype(np.float32)
         for k, cam in zip(batch.indices, cams):
             img = int(store.image_idx[k])
-            patch_counts += score_map(cam, threshold, truth_patch(int(k)), _radius_for(store, img, cfg),
-                                      cfg.matching).counts
-            truth_label = int(len(truth_patch(int(k))) > 0)
-            labels_all.append(truth_label)
+            truth = truth_patch(int(k))
+            patch_counts += score_map(cam, threshold, truth, _radius_for(store, img, cfg), cfg.matching).counts
+            labels_all.append(int(len(truth) > 0))
         probs_all.append(batch.probs)
         for img, field_map in stitcher.add(batch.indices, cams):
             radius = _radius_for(store, img, cfg)
