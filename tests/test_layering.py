@@ -18,6 +18,14 @@ def test_cli_and_light_modules_do_not_import_torch():
     assert not _loaded(light, "torch")
 
 
+def test_stdlib_only_modules_import_no_third_party_package():
+    # errors, config, reporting, choices and io/atomic are imported by everything, the CLI at start-up
+    # included; they must stay cheap and free of numpy/torch/h5py/typer.
+    stdlib_only = ["uts_cli.errors", "uts_cli.config", "uts_cli.reporting", "uts_cli.choices", "uts_cli.io.atomic"]
+    for probe in ("numpy", "torch", "h5py", "typer", "rich", "scipy"):
+        assert not _loaded(stdlib_only, probe), probe
+
+
 def test_library_layer_does_not_import_cli_libraries():
     lib = ["uts_cli.io.store", "uts_cli.tiling", "uts_cli.metrics", "uts_cli.localize", "uts_cli.api.prepare"]
     assert not _loaded(lib, "typer")

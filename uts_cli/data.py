@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from uts_cli.datasets.base import KIND_MITOSIS
+from uts_cli.choices import KIND_MITOSIS
 from uts_cli.errors import InputDataError
 from uts_cli.io.store import PatchStore
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from uts_cli.choices import AMP_MODES
 from uts_cli.errors import ResourceError, UsageError
 
 DEVICE_SPECS = "auto, cpu, cuda or cuda:N"
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from uts_cli.choices import FILTERS
 from uts_cli.errors import UsageError
 
-FILTERS = ("TP", "FP", "FP_TP")
 KEEP = ""
 REASONS = {
     "image_fp": "teacher calls a patch without annotated mitosis positive",

@@ -22,9 +22,9 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
+from uts_cli.choices import MATCHING_MODES
 from uts_cli.errors import InputDataError, UsageError
 
-MATCHING_MODES = ("one-to-one", "legacy")
 
 # Above this many candidate pairs (P * T) the dense cost matrix is replaced by a KD-tree graph.
 _DENSE_MAX_PAIRS = 250_000

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from uts_cli.config import DistillConfig, TeachConfig, to_dict
-from uts_cli.distillation import FILTERS, REASONS, decide
+from uts_cli.choices import FILTERS
+from uts_cli.distillation import REASONS, decide
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import PatchStore
 from uts_cli.reporting import NullReporter, Reporter

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from uts_cli.choices import CHECKPOINT_NAMES, MATCHING_MODES, TRUTH_MODES
 from uts_cli.config import EvalConfig
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import SPLIT_CODES, PatchStore
-from uts_cli.metrics import MATCHING_MODES, Counts
+from uts_cli.metrics import Counts
 from uts_cli.reporting import NullReporter, Reporter
 
 DEFAULT_RADIUS_PX = 30.0
-TRUTH_MODES = ("auto", "annotations", "clean")
 OVERLAY_COLOURS = {"TP": (0, 200, 0), "FP": (255, 215, 0), "FN": (0, 90, 255)}
 
 
@@ -100,6 +100,8 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
         raise UsageError(f"unknown split {cfg.split!r}", hint="use train, val or test")
     if cfg.truth not in TRUTH_MODES:
         raise UsageError(f"unknown --truth {cfg.truth!r}", hint=f"use one of {', '.join(TRUTH_MODES)}")
+    if cfg.checkpoint not in CHECKPOINT_NAMES:
+        raise UsageError(f"unknown checkpoint {cfg.checkpoint!r}", hint=f"use one of {', '.join(CHECKPOINT_NAMES)}")
     if cfg.radius_px is not None and cfg.radius_um is not None:
         raise UsageError("--radius-px and --radius-um exclude each other", hint="give one of them")
     run = RunDir(Path(cfg.run)).open_existing()

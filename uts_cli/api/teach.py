@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from uts_cli.choices import PIXEL_THRESHOLD_MODES
 from uts_cli.config import TeachConfig, to_dict
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import PatchStore
 from uts_cli.reporting import NullReporter, Reporter
 
-PIXEL_THRESHOLD_MODES = ("image", "localization")
 # Candidate pixel thresholds for --pixel-threshold localization.
 SWEEP = np.round(np.arange(0.05, 0.951, 0.05), 2)
 DEFAULT_RADIUS_PX = 30.0

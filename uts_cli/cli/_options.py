@@ -1,10 +1,22 @@
 """Options shared by several commands (Annotated aliases, so each is defined once)."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from uts_cli.choices import DEVICE_KEYWORDS, is_device
+
+
+def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A ``str`` Enum of ``values`` for a Typer option (member names: values with '-' as '_').
+
+    The CLI's choices are generated from ``uts_cli.choices`` so the library and ``--help`` never
+    disagree on what is allowed.
+    """
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str, module=__name__)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
@@ -21,6 +33,6 @@ OptionalPath = Optional[Path]
 
 def _check_device(value: str) -> str:
     v = value.strip().lower()
-    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+    if is_device(v):
         return v
-    raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N")
+    raise typer.BadParameter(f"{value!r} is not a device; use {', '.join(DEVICE_KEYWORDS)} or cuda:N")

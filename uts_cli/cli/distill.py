@@ -1,13 +1,13 @@
 """``uts distill``: filter the samples the teacher disagrees with, train the student."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, WorkersOpt
+from uts_cli.choices import FILTERS
+from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, WorkersOpt, choice_enum
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
 from uts_cli.cli.teach import ResumeOpt, RunsDirOpt
 
@@ -21,10 +21,7 @@ EXAMPLES = """Examples:
 """
 
 
-class Filter(str, Enum):
-    TP = "TP"
-    FP = "FP"
-    FP_TP = "FP_TP"
+Filter = choice_enum("Filter", FILTERS)
 
 
 @cli_errors("distill")

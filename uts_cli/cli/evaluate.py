@@ -1,13 +1,13 @@
 """``uts eval``: localization precision / recall / F1 of a run."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from uts_cli.cli._options import DeviceOpt, JsonOpt, WorkersOpt
+from uts_cli import choices
+from uts_cli.cli._options import DeviceOpt, JsonOpt, WorkersOpt, choice_enum
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, out_console
 
 EXAMPLES = """Examples:
@@ -20,21 +20,10 @@ EXAMPLES = """Examples:
 """
 
 
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-    test = "test"
-
-
-class Matching(str, Enum):
-    one_to_one = "one-to-one"
-    legacy = "legacy"
-
-
-class Truth(str, Enum):
-    auto = "auto"
-    annotations = "annotations"
-    clean = "clean"
+Split = choice_enum("Split", choices.SPLITS)
+Matching = choice_enum("Matching", choices.MATCHING_MODES)
+Truth = choice_enum("Truth", choices.TRUTH_MODES)
+Checkpoint = choice_enum("Checkpoint", choices.CHECKPOINT_NAMES)
 
 
 @cli_errors("eval")
@@ -54,7 +43,7 @@ def eval_cmd(
         "--threshold", min=0.0, max=1.0, help="Pixel threshold (default: the run's).")] = None,
     truth: Annotated[Truth, typer.Option(
         help="Score against the annotations or the clean truth (auto: clean when the store has it).")] = Truth.auto,
-    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    checkpoint: Annotated[Checkpoint, typer.Option(help="Checkpoint to score.")] = Checkpoint.best,
     bn_adapt: Annotated[bool, typer.Option("--bn-adapt", help="Batch-norm adaptation at inference.")] = False,
     overlays: Annotated[bool, typer.Option("--overlays", help="Write PNG overlays (TP green, FP yellow, FN blue).")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the results.",
@@ -68,13 +57,9 @@ def eval_cmd(
     from uts_cli.api.evaluate import evaluate
     from uts_cli.api.teach import resolve_run
     from uts_cli.config import EvalConfig
-    from uts_cli.errors import UsageError
-
-    if checkpoint not in ("best", "last"):
-        raise UsageError(f"unknown checkpoint {checkpoint!r}", hint="use best or last")
     cfg = EvalConfig(run=resolve_run(run, runs_dir), store=store, split=split.value, matching=matching.value,
                      radius_px=radius_px, radius_um=radius_um, threshold=threshold, truth=truth.value,
-                     checkpoint=checkpoint, bn_adapt=bn_adapt, overlays=overlays, output=output,
+                     checkpoint=checkpoint.value, bn_adapt=bn_adapt, overlays=overlays, output=output,
                      batch_size=batch_size, device=device, workers=workers)
     result = evaluate(cfg, CliReporter())
     if json_output:

@@ -1,29 +1,18 @@
 """``uts prepare``: tile a raw dataset into an HDF5 patch store."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from uts_cli.cli._options import JsonOpt, OverwriteOpt
+from uts_cli import choices
+from uts_cli.cli._options import JsonOpt, OverwriteOpt, choice_enum
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
 
 
-class Dataset(str, Enum):
-    TUPAC16 = "TUPAC16"
-    MIDOG21 = "MIDOG21"
-    MITOS14 = "MITOS14"
-    CCMCT = "CCMCT"
-    folder = "folder"
-    synthetic = "synthetic"
-
-
-class Compression(str, Enum):
-    gzip = "gzip"
-    lzf = "lzf"
-    none = "none"
+Dataset = choice_enum("Dataset", choices.DATASET_NAMES)
+Compression = choice_enum("Compression", choices.COMPRESSIONS)
 
 
 EXAMPLES = """Examples:

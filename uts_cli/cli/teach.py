@@ -1,13 +1,13 @@
 """``uts teach``: train the weakly supervised teacher."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, SeedOpt, StoreArg, WorkersOpt
+from uts_cli import choices
+from uts_cli.cli._options import DeviceOpt, choice_enum, JsonOpt, OverwriteOpt, SeedOpt, StoreArg, WorkersOpt
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
 
 EXAMPLES = """Examples:
@@ -20,42 +20,13 @@ EXAMPLES = """Examples:
 """
 
 
-class Arch(str, Enum):
-    resnet18 = "resnet18"
-    resnet50 = "resnet50"
-
-
-class Aggregation(str, Enum):
-    max = "max"
-    mean = "mean"
-
-
-class Mode(str, Enum):
-    instance = "instance"
-    embedding = "embedding"
-
-
-class Location(str, Enum):
-    none = "none"
-    l2 = "l2"
-    lb = "lb"
-
-
-class InputNorm(str, Enum):
-    unit = "unit"
-    imagenet = "imagenet"
-
-
-class PixelThreshold(str, Enum):
-    image = "image"
-    localization = "localization"
-
-
-class Amp(str, Enum):
-    auto = "auto"
-    off = "off"
-    bf16 = "bf16"
-    fp16 = "fp16"
+Arch = choice_enum("Arch", choices.ARCHS)
+Aggregation = choice_enum("Aggregation", choices.AGGREGATIONS)
+Mode = choice_enum("Mode", choices.MODES)
+Location = choice_enum("Location", choices.LOCATIONS)
+InputNorm = choice_enum("InputNorm", choices.INPUT_NORMS)
+PixelThreshold = choice_enum("PixelThreshold", choices.PIXEL_THRESHOLD_MODES)
+Amp = choice_enum("Amp", choices.AMP_MODES)
 
 
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds the run folders.", file_okay=False)]

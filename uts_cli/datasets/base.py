@@ -10,12 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
-
-# Point kinds stored in the patch store (/points/kind, /truth/kind).
-KIND_MITOSIS = 0
-KIND_HARD_NEGATIVE = 1
-POINT_KINDS = {KIND_MITOSIS: "mitosis", KIND_HARD_NEGATIVE: "hard_negative"}
+# Point kinds stored in the patch store (/points/kind, /truth/kind), and the split names.
+from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS, POINT_KINDS, SPLITS  # noqa: F401  (re-exported)
 
 
 @dataclass

@@ -9,11 +9,11 @@ import importlib
 import inspect
 from pathlib import Path
 
+from uts_cli.choices import DATASET_NAMES
 from uts_cli.datasets.base import DatasetListing
 from uts_cli.datasets.splits import apply_splits, read_splits_file
 from uts_cli.errors import UsageError
 
-DATASET_NAMES = ("TUPAC16", "MIDOG21", "MITOS14", "CCMCT", "folder", "synthetic")
 
 _MODULES = {
     "TUPAC16": "uts_cli.datasets.tupac16",

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from uts_cli.datasets.base import KIND_HARD_NEGATIVE, KIND_MITOSIS
+from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS
 from uts_cli.errors import InputDataError
 
 MIDOG_CATEGORY_KINDS = {1: KIND_MITOSIS, 2: KIND_HARD_NEGATIVE}

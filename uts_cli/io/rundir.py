@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from uts_cli.choices import CHECKPOINT_NAMES
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.atomic import atomic_write, atomic_write_json, atomic_write_text
 
@@ -29,7 +30,6 @@ HISTORY_FIELDS = (
     "val_recall", "threshold", "lr", "seconds", "train_seconds", "samples_per_s",
     "n_train_samples", "timestamp",
 )
-CHECKPOINT_NAMES = ("last", "best")
 # Entries a run directory may hold; --overwrite deletes a folder only if it looks like a run.
 RUN_ENTRIES = {"config.json", "env.json", "history.csv", "history.png", "metrics.json", "log.txt",
                "checkpoints", "distill", "eval", "predictions", "plots"}

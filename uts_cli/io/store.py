@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import h5py
 import numpy as np
 
+from uts_cli.choices import COMPRESSIONS, POINT_KINDS
 from uts_cli.errors import InputDataError, UsageError
 
 FORMAT = "uts-patch-store"
@@ -30,8 +31,7 @@ SCHEMA_VERSION = 1
 COORD_CONVENTION = "yx, pixels, 0-based, pixel centres at integer coords"
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 SPLIT_NAMES = {v: k for k, v in SPLIT_CODES.items()}
-KIND_NAMES = {0: "mitosis", 1: "hard_negative"}
-COMPRESSIONS = ("gzip", "lzf", "none")
+KIND_NAMES = POINT_KINDS
 # Groups of ragged point annotations: what the annotators said, and (synthetic data only) the truth.
 POINT_GROUPS = ("points", "truth")
 # h5py's default chunk cache (1 MiB) is smaller than one 500 px patch chunk (750 KB) plus overhead.

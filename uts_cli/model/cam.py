@@ -15,12 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uts_cli.choices import AGGREGATIONS, ARCHS, INPUT_NORMS, MODES
 from uts_cli.errors import InputDataError, ResourceError, UsageError
 
-ARCHS = ("resnet18", "resnet50")
-AGGREGATIONS = ("max", "mean")
-MODES = ("instance", "embedding")
-INPUT_NORMS = ("unit", "imagenet")
 STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,43 @@
+"""The allowed values of every choice the tool offers, in one place (stdlib only).
+
+Library modules validate against these tuples and the CLI builds its option enums from them
+(``uts_cli.cli._options.choice_enum``), so a new value is added here once and is then accepted,
+documented in ``--help`` and checked everywhere.
+"""
+from __future__ import annotations
+
+# Model ------------------------------------------------------------------------------------
+ARCHS = ("resnet18", "resnet50")
+AGGREGATIONS = ("max", "mean")
+MODES = ("instance", "embedding")                 # pool the CAM / pool the features
+INPUT_NORMS = ("unit", "imagenet")                # pixels/255 (the original) / ImageNet mean-std
+WEIGHTS_KEYWORDS = ("imagenet", "none")           # anything else given to --weights is a file
+
+# Training ---------------------------------------------------------------------------------
+LOCATIONS = ("none", "l2", "lb")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+PIXEL_THRESHOLD_MODES = ("image", "localization")
+DEVICE_KEYWORDS = ("auto", "cpu", "cuda")         # plus cuda:N
+CHECKPOINT_NAMES = ("last", "best")
+
+# Distillation -----------------------------------------------------------------------------
+FILTERS = ("TP", "FP", "FP_TP")
+
+# Evaluation -------------------------------------------------------------------------------
+MATCHING_MODES = ("one-to-one", "legacy")
+TRUTH_MODES = ("auto", "annotations", "clean")
+
+# Data -------------------------------------------------------------------------------------
+SPLITS = ("train", "val", "test")
+COMPRESSIONS = ("gzip", "lzf", "none")
+DATASET_NAMES = ("TUPAC16", "MIDOG21", "MITOS14", "CCMCT", "folder", "synthetic")
+
+# Point kinds stored with every annotated point (uint8 in the store).
+KIND_MITOSIS = 0
+KIND_HARD_NEGATIVE = 1
+POINT_KINDS = {KIND_MITOSIS: "mitosis", KIND_HARD_NEGATIVE: "hard_negative"}
+
+
+def is_device(value: str) -> bool:
+    """True for ``auto``, ``cpu``, ``cuda`` and ``cuda:N`` (case and spaces already normalised)."""
+    return value in DEVICE_KEYWORDS or (value.startswith("cuda:") and value[5:].isdigit())
