@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uts_cli import choices
+from uts_cli.errors import InputDataError, UsageError
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-safe dict of a config dataclass (paths become strings)."""
@@ -62,9 +65,57 @@ class NormalizeConfig:
     overwrite: bool = False
 
 
+# Version of the saved run config (config.json "schema_version"). 1: runs written before the
+# field existed (a "config" section without the fit internals, plus a "train" section).
+SCHEMA_VERSION = 2
+
+# Fields that steer where and how a run executes, not what it learns: a resumed run may change
+# them without a warning.
+RUN_CONTROL_FIELDS = ("store", "name", "runs_dir", "device", "resume", "overwrite", "epochs")
+_PATH_FIELDS = ("store", "runs_dir")
+
+
 @dataclass(frozen=True)
 class TeachConfig:
-    """``uts teach`` (and the student part of ``uts distill``); defaults are the method's."""
+    """Everything ``uts teach`` (and the student of ``uts distill``) trains with; defaults are the method's.
+
+    The same record drives the fit loop (``uts_cli.model.fit.fit``), is saved in the run's
+    ``config.json`` and in each checkpoint, and loads back with :meth:`from_dict`.
+
+    Attributes:
+        store: patch store to train on.
+        name: run name (folder ``runs_dir / name``).
+        runs_dir: folder that holds the run folders.
+        arch, n_blocks, aggregation, mode, input_norm: the CAM network (see ``uts_cli.choices``).
+        weights: backbone init, ``imagenet``, ``none`` or a file.
+        epochs: total epochs of the run (a resumed run continues up to this).
+        lr: Adam learning rate.
+        batch_size: training batch size.
+        location: location constraint, ``none``, ``l2`` or ``lb``.
+        alpha_location: weight of the location loss.
+        temperature: T in ``sigmoid(T * CAM)`` for the soft centroid.
+        margin: distance (pixels) the ``lb`` barrier allows for free.
+        tlb: t of the extended log-barrier.
+        strong_augmentation: add the elastic warp to the spatial augmentation.
+        augment: spatial augmentation (flips, rotations, transpose) on/off.
+        balance: class-balanced sampling.
+        only_one_mitosis: train only on patches with at most one annotated mitosis.
+        steps_per_epoch: cap on training steps per epoch (None = one balanced pass).
+        pixel_threshold: ``image`` (the image-level threshold) or ``localization`` (chosen on val).
+        amp: ``auto``, ``off``, ``bf16`` or ``fp16``.
+        seed: seeds sampling, augmentation and the initial weights.
+        workers: DataLoader worker processes.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        resume / overwrite: continue the run / replace it.
+        use_truth: research option: train the location loss on the clean truth of a synthetic
+            store instead of the annotations (an upper bound for what label noise costs).
+        val_batch_size: inference batch size for validation (None = ``batch_size``).
+        weight_decay: Adam weight decay (0 in the method).
+        alpha_ce: weight of the image-level BCE loss.
+        channels_last: NHWC memory format (None = on CUDA only).
+        max_points: annotated points kept per patch.
+        report_every: steps between loss values sent to the progress display (each syncs a GPU).
+    """
 
     store: Path
     name: str
@@ -95,6 +146,91 @@ class TeachConfig:
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
+    use_truth: bool = False
+    # Internal to the fit loop; no flag sets them.
+    val_batch_size: int | None = None
+    weight_decay: float = 0.0
+    alpha_ce: float = 1.0
+    channels_last: bool | None = None
+    max_points: int = 8
+    report_every: int = 10
+
+    def validate(self) -> None:
+        """Raise UsageError (with a hint naming the option) on values no training can use."""
+        def one_of(value, allowed, option):
+            return value in allowed, f"unknown {option} {value!r}", f"use one of {', '.join(allowed)}"
+
+        checks = [
+            one_of(self.arch, choices.ARCHS, "--arch"),
+            one_of(self.aggregation, choices.AGGREGATIONS, "--aggregation"),
+            one_of(self.mode, choices.MODES, "--mode"),
+            one_of(self.input_norm, choices.INPUT_NORMS, "--input-norm"),
+            one_of(self.location, choices.LOCATIONS, "--location"),
+            one_of(self.pixel_threshold, choices.PIXEL_THRESHOLD_MODES, "--pixel-threshold"),
+            one_of(self.amp, choices.AMP_MODES, "--amp"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other",
+             "give one of them"),
+            (1 <= self.n_blocks <= 4, "n_blocks must be between 1 and 4", "use --n-blocks 1 to 4"),
+            (self.epochs >= 1, "epochs must be >= 1", "use --epochs 1 or more"),
+            (self.lr > 0, "learning rate must be > 0", "use a positive --lr, e.g. 1e-4"),
+            (self.batch_size >= 1, "batch size must be >= 1", "use --batch-size 1 or more"),
+            (self.val_batch_size is None or self.val_batch_size >= 1, "validation batch size must be >= 1",
+             "leave val_batch_size unset to use the training batch size"),
+            (self.temperature > 0 and self.tlb > 0, "temperature and tlb must be > 0",
+             "use positive --temperature and --tlb"),
+            (self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps per epoch must be >= 1",
+             "use --steps-per-epoch 1 or more, or leave it out for one balanced pass"),
+            (self.workers >= 0, "workers must be >= 0", "use --workers 0 or more"),
+            (self.max_points >= 1, "max_points must be >= 1", "keep at least one point per patch"),
+            (self.report_every >= 1, "report_every must be >= 1", "report at least every step"),
+        ]
+        for ok, message, hint in checks:
+            if not ok:
+                raise UsageError(message, hint=hint)
+
+    def training_options(self) -> dict[str, Any]:
+        """The fields that change what a run learns (all but ``RUN_CONTROL_FIELDS``), JSON-safe."""
+        return {k: v for k, v in to_dict(self).items() if k not in RUN_CONTROL_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **given: Any) -> "TeachConfig":
+        """Load a saved config: a run's whole ``config.json``, its ``config`` section, or a checkpoint's ``params``.
+
+        Unknown keys are ignored (a config from an older version may hold fields since removed),
+        missing ones take their defaults, paths become ``Path``. ``config.json`` of the first
+        version kept the fit internals in a separate ``train`` section; it is merged in.
+
+        Args:
+            data: the saved dict.
+            **given: fields that take precedence over ``data`` (e.g. ``store``/``name`` for a
+                checkpoint's ``params``, which holds neither before schema version 2).
+
+        Raises:
+            InputDataError: the config is from a newer uts (``schema_version`` above this one's),
+                or ``store``/``name`` are missing and not given.
+        """
+        version = data.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise InputDataError(
+                f"the run config has schema version {version!r}; this uts reads up to {SCHEMA_VERSION}",
+                hint="upgrade uts (pip install -U uts) to read runs made by a newer version")
+        flat: dict[str, Any] = {}
+        if isinstance(data.get("config"), dict):   # a whole config.json
+            flat.update(data.get("train") or {})
+            flat.update(data["config"])
+        else:
+            flat.update(data)
+        flat.update(given)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in flat.items() if k in names}
+        missing = [k for k in ("store", "name") if kwargs.get(k) is None]
+        if missing:
+            raise InputDataError(f"the saved config has no {' or '.join(missing)}",
+                                 hint="pass them explicitly (TeachConfig.from_dict(data, store=..., name=...))")
+        for k in _PATH_FIELDS:
+            if kwargs.get(k) is not None:
+                kwargs[k] = Path(kwargs[k])
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -107,12 +243,19 @@ class DistillConfig:
     criterion: str = "TP"
     pseudolabel: bool = False
     radius_px: float = 30.0
-    # Student settings; None inherits the teacher's value.
+    # Student settings (TeachConfig field names); None inherits the teacher's value.
     overrides: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     workers: int = 2
     resume: bool = False
     overwrite: bool = False
+
+    def check_overrides(self) -> None:
+        """Raise UsageError when an override names no student option."""
+        unknown = set(self.overrides) - {f.name for f in dataclasses.fields(TeachConfig)}
+        if unknown:
+            raise UsageError(f"unknown student option(s): {', '.join(sorted(unknown))}",
+                             hint="see uts distill --help")
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,11 @@ from uts_cli.io.rundir import RunDir
 from uts_cli.io.store import PatchStore
 from uts_cli.model.cam import CamNet
 from uts_cli.model.predict import bn_adaptation, load_run_model, predict_patches, predict_scores
-from uts_cli.model.train import (TrainParams, extended_log_barrier, fit, location_loss,
-                                 soft_centroid)
+from pathlib import Path
+
+from uts_cli.config import SCHEMA_VERSION, TeachConfig
+from uts_cli.model.fit import fit
+from uts_cli.model.losses import extended_log_barrier, location_loss, soft_centroid
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")
@@ -23,7 +26,8 @@ FIELDS_COMPARED = ("epoch", "train_loss", "loss_ce", "loss_location", "val_f1", 
 def params(**kw):
     base = dict(epochs=2, batch_size=4, workers=0, steps_per_epoch=3, lr=1e-3, location="lb", seed=3)
     base.update(kw)
-    return TrainParams(**base)
+    # fit() is handed its store directly; the config's store and name only matter to api.teach.
+    return TeachConfig(store=Path("unused.h5"), name="t", **base)
 
 
 def model():
@@ -65,7 +69,8 @@ def test_fit_writes_run(store, tmp_path):
     assert all(r["n_train_samples"] == 12 and r["samples_per_s"] > 0 for r in hist)
     assert all(0 <= r["val_f1"] <= 1 and r["loss_location"] is not None for r in hist)
     cfg = run.read_config()
-    assert cfg["model"]["n_blocks"] == 2 and cfg["train"]["epochs"] == 2 and cfg["store"]["uuid"] == store.uuid
+    assert cfg["schema_version"] == SCHEMA_VERSION
+    assert cfg["model"]["n_blocks"] == 2 and cfg["config"]["epochs"] == 2 and cfg["store"]["uuid"] == store.uuid
     for name in ("last", "best"):
         ck = torch.load(run.checkpoint_path(name), weights_only=True)
         assert ck["format"] == "uts-checkpoint" and ck["store_uuid"] == store.uuid
@@ -242,7 +247,8 @@ from uts_cli.errors import Interrupted
 from uts_cli.io.rundir import RunDir
 from uts_cli.io.store import PatchStore
 from uts_cli.model.cam import CamNet
-from uts_cli.model.train import TrainParams, fit
+from uts_cli.config import TeachConfig
+from uts_cli.model.fit import fit
 from uts_cli.data import only_one_mitosis
 from pathlib import Path
 torch.set_num_threads(1)
@@ -259,7 +265,7 @@ def ctrl_c(info):
 
 try:
     fit(CamNet(n_blocks=1), st, only_one_mitosis(st), st.indices("val"),
-        TrainParams(epochs=2, batch_size=4, workers=1, steps_per_epoch=4), RunDir(tmp / mode).create(),
+        TeachConfig(store=Path('unused.h5'), name='t', epochs=2, batch_size=4, workers=1, steps_per_epoch=4), RunDir(tmp / mode).create(),
         device=torch.device("cpu"), on_step=ctrl_c)
 except Interrupted as exc:
     print("INTERRUPTED", exc.message)

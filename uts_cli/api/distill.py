@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uts_cli.config import DistillConfig, TeachConfig, to_dict
 from uts_cli.choices import FILTERS
+from uts_cli.config import DistillConfig, TeachConfig, to_dict
 from uts_cli.distillation import REASONS, decide
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import PatchStore
@@ -140,15 +140,13 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
     if "threshold" not in tconf or "config" not in tconf:
         raise InputDataError(f"teacher run {teacher_dir} has not finished training",
                              hint=f"finish it with: uts teach ... --name {teacher_dir.name} --resume")
-    teacher_cfg = dict(tconf["config"])
-    unknown = set(cfg.overrides) - {f.name for f in dataclasses.fields(TeachConfig)}
-    if unknown:
-        raise UsageError(f"unknown student option(s): {', '.join(sorted(unknown))}", hint="see uts distill --help")
-    student_fields = {**teacher_cfg, **{k: v for k, v in cfg.overrides.items() if v is not None}}
-    student_fields.update(name=cfg.name, runs_dir=str(cfg.runs_dir), resume=cfg.resume,
-                          overwrite=cfg.overwrite, device=cfg.device, workers=cfg.workers)
-    student_cfg = TeachConfig(**{k: (Path(v) if k in ("store", "runs_dir") else v)
-                                 for k, v in student_fields.items()})
+    cfg.check_overrides()
+    teacher_cfg = TeachConfig.from_dict(tconf)
+    # The student inherits the teacher's options, then the overrides; the run itself is distill's.
+    student_cfg = dataclasses.replace(
+        teacher_cfg, **{k: v for k, v in cfg.overrides.items() if v is not None},
+        name=cfg.name, runs_dir=Path(cfg.runs_dir), resume=cfg.resume, overwrite=cfg.overwrite,
+        device=cfg.device, workers=cfg.workers)
     store = PatchStore(student_cfg.store)
     device = resolve_device(cfg.device)
 
@@ -159,8 +157,8 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
     teacher, _ = load_run_model(teacher_run, "best", device)
     threshold = float(tconf["threshold"])
     pixel_threshold = float(tconf.get("pixel_threshold", threshold))
-    amp = str(teacher_cfg.get("amp", "auto"))
-    batch = int(teacher_cfg.get("batch_size", 32))
+    amp = teacher_cfg.amp
+    batch = teacher_cfg.batch_size
 
     decisions, rows, features = {}, [], []
     removed_train = np.zeros(0, np.int64)

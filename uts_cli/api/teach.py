@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uts_cli.choices import PIXEL_THRESHOLD_MODES
-from uts_cli.config import TeachConfig, to_dict
+from uts_cli.config import SCHEMA_VERSION, TeachConfig, to_dict
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import PatchStore
 from uts_cli.reporting import NullReporter, Reporter
@@ -110,7 +109,7 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     from uts_cli.io.rundir import RunDir
     from uts_cli.model.cam import CamNet, load_backbone_weights
     from uts_cli.model.predict import load_run_model
-    from uts_cli.model.train import TrainParams, fit
+    from uts_cli.model.fit import fit
     from uts_cli.plots import plot_history
 
     reporter = reporter or NullReporter()
@@ -118,11 +117,7 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     # Recorded absolute, so `eval` and `distill` find the store from any working directory.
     cfg = dataclasses.replace(cfg, store=Path(cfg.store).resolve())
     _check_name(cfg.name)
-    if cfg.pixel_threshold not in PIXEL_THRESHOLD_MODES:
-        raise UsageError(f"unknown --pixel-threshold {cfg.pixel_threshold!r}",
-                         hint=f"use one of {', '.join(PIXEL_THRESHOLD_MODES)}")
-    if cfg.resume and cfg.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other", hint="give one of them")
+    cfg.validate()
     store = PatchStore(cfg.store)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -147,14 +142,10 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
                    input_norm=cfg.input_norm)
     if not cfg.resume:
         load_backbone_weights(model, cfg.weights)
-    params = TrainParams(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, location=cfg.location,
-                         alpha_location=cfg.alpha_location, temperature=cfg.temperature, margin=cfg.margin,
-                         tlb=cfg.tlb, augment=cfg.augment, strong_augmentation=cfg.strong_augmentation,
-                         balance=cfg.balance, steps_per_epoch=cfg.steps_per_epoch, amp=cfg.amp, seed=cfg.seed,
-                         workers=cfg.workers)
     run_config = {
         "command": command,
         "uts_version": __version__,
+        "schema_version": SCHEMA_VERSION,
         "config": to_dict(cfg),
         "input_size": store.patch_size,
         "pixel_size_um": median_pixel_size(store),
@@ -162,7 +153,7 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
         "device": {"requested": cfg.device, **device_summary(device)},
         **(extra_config or {}),
     }
-    fit_result = fit(model.to(device), store, train_indices, val_indices, params, run, device=device,
+    fit_result = fit(model.to(device), store, train_indices, val_indices, cfg, run, device=device,
                      reporter=reporter, labels=labels, resume=cfg.resume, run_config=run_config)
 
     # The checkpoint holds the image-level threshold chosen on val at the best epoch.

@@ -18,110 +18,31 @@ neither gaps nor duplicates.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uts_cli.config import SCHEMA_VERSION, TeachConfig, to_dict
 from uts_cli.data import batch_to_device, make_eval_loader, make_train_loader
 from uts_cli.devices import AmpPolicy, configure_cpu_threads, resolve_amp
-from uts_cli.errors import InputDataError, Interrupted, UsageError
+from uts_cli.errors import InputDataError, Interrupted
 from uts_cli.io.rundir import RunDir
 from uts_cli.io.store import PatchStore
 from uts_cli.metrics import best_f1_threshold
 from uts_cli.model.augment import AugmentConfig, augment_batch
-from uts_cli.model.cam import CamNet, upsample_cam
+from uts_cli.model.cam import CamNet
+from uts_cli.model.checkpoint import build_checkpoint, changed_options, check_resumable, restore_states
+from uts_cli.model.losses import location_loss
 from uts_cli.model.predict import iter_predictions
 from uts_cli.reporting import NullReporter, Reporter
 
-LOCATIONS = ("none", "l2", "lb")
-CHECKPOINT_FORMAT = "uts-checkpoint"
-CHECKPOINT_VERSION = 1
 MONITOR = "val_f1"
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Hyper-parameters of :func:`fit` (defaults: the method's, see METHOD.md section 3).
-
-    Attributes:
-        epochs: total number of epochs of the run (a resumed run continues up to this).
-        lr: Adam learning rate.
-        batch_size: training batch size.
-        val_batch_size: inference batch size for validation (None = ``batch_size``).
-        weight_decay: Adam weight decay (0 in the method).
-        alpha_ce: weight of the image-level BCE loss.
-        location: location constraint, ``"none"``, ``"l2"`` or ``"lb"``.
-        alpha_location: weight of the location loss.
-        temperature: T in ``sigmoid(T * CAM)`` for the soft centroid.
-        margin: distance (pixels) the ``lb`` barrier allows for free.
-        tlb: t of the extended log-barrier.
-        augment: spatial augmentation on/off.
-        strong_augmentation: add the elastic warp.
-        balance: class-balanced sampling.
-        steps_per_epoch: cap on training steps per epoch (None = one balanced pass).
-        amp: ``"auto"``, ``"off"``, ``"bf16"`` or ``"fp16"``.
-        channels_last: NHWC memory format (None = on CUDA only).
-        seed: seeds sampling and augmentation.
-        workers: DataLoader worker processes.
-        max_points: points kept per patch.
-        use_truth: train the location loss on the clean ground truth (synthetic stores only).
-        report_every: steps between loss values sent to the reporter (each one syncs the GPU).
-    """
-
-    epochs: int = 10
-    lr: float = 1e-4
-    batch_size: int = 32
-    val_batch_size: int | None = None
-    weight_decay: float = 0.0
-    alpha_ce: float = 1.0
-    location: str = "none"
-    alpha_location: float = 0.01
-    temperature: float = 10.0
-    margin: float = 40.0
-    tlb: float = 50.0
-    augment: bool = True
-    strong_augmentation: bool = False
-    balance: bool = True
-    steps_per_epoch: int | None = None
-    amp: str = "auto"
-    channels_last: bool | None = None
-    seed: int = 0
-    workers: int = 2
-    max_points: int = 8
-    use_truth: bool = False
-    report_every: int = 10
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainParams":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def validate(self) -> None:
-        """Raise UsageError on values no training can use."""
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.lr > 0, "learning rate must be > 0"),
-            (self.batch_size >= 1, "batch size must be >= 1"),
-            (self.val_batch_size is None or self.val_batch_size >= 1, "validation batch size must be >= 1"),
-            (self.location in LOCATIONS, f"location constraint must be one of {', '.join(LOCATIONS)}"),
-            (self.temperature > 0 and self.tlb > 0, "temperature and tlb must be > 0"),
-            (self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps per epoch must be >= 1"),
-            (self.workers >= 0, "workers must be >= 0"),
-            (self.max_points >= 1, "max_points must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message, hint="fix the training option and rerun")
 
 
 @dataclass
@@ -147,68 +68,6 @@ class FitResult:
     samples_per_s: float | None
     last_checkpoint: str
     best_checkpoint: str
-
-
-# --------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------
-
-
-def extended_log_barrier(z: torch.Tensor, t: float) -> torch.Tensor:
-    """Kervadec et al.'s extended log-barrier of the constraint ``z <= 0``.
-
-    ``-log(-z)/t`` for ``z <= -1/t^2``, else the linear extension ``t z - log(1/t^2)/t + 1/t``
-    (continuous with a continuous derivative at the switch).
-    """
-    switch = -1.0 / (t * t)
-    inside = -torch.log((-z).clamp_min(1.0 / (t * t))) / t
-    outside = t * z - math.log(1.0 / (t * t)) / t + 1.0 / t
-    return torch.where(z <= switch, inside, outside)
-
-
-def soft_centroid(cam_logits: torch.Tensor, size: tuple[int, int], temperature: float) -> torch.Tensor:
-    """Centroid ``(n, 2)`` yx (input pixels) of ``sigmoid(T * upsampled CAM)``.
-
-    The CAM is upsampled to the input size first, as the method does; that costs ``H*W`` per
-    sample, negligible beside the backbone, and keeps the centroid exact in input pixels.
-    """
-    prob = torch.sigmoid(temperature * upsample_cam(cam_logits.float(), size))[:, 0]
-    height, width = size
-    ys = torch.arange(height, device=prob.device, dtype=prob.dtype)
-    xs = torch.arange(width, device=prob.device, dtype=prob.dtype)
-    total = prob.sum(dim=(1, 2)).clamp_min(1e-6)
-    cy = (prob.sum(dim=2) * ys).sum(dim=1) / total
-    cx = (prob.sum(dim=1) * xs).sum(dim=1) / total
-    return torch.stack([cy, cx], dim=1)
-
-
-def location_loss(cam_logits: torch.Tensor, points: torch.Tensor, mask: torch.Tensor,
-                  labels: torch.Tensor, size: tuple[int, int], kind: str, temperature: float = 10.0,
-                  margin: float = 40.0, tlb: float = 50.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Location constraint on positive patches with exactly one (valid) annotated point.
-
-    Computed on every sample and masked, rather than on a selected subset: selecting would need
-    the subset's size on the host, which stalls a GPU every step.
-
-    Args:
-        cam_logits: ``(B, 1, h, w)`` CAM logits.
-        points: ``(B, K, 2)`` yx after augmentation; mask ``(B, K)`` their validity.
-        labels: ``(B,)`` labels after augmentation.
-        size: input ``(H, W)``.
-        kind: ``"l2"`` (mean distance) or ``"lb"`` (mean extended log-barrier of distance - margin).
-        temperature, margin, tlb: see :class:`TrainParams`.
-
-    Returns:
-        ``(loss, count)``: the mean over the covered samples (0, still differentiable, when there
-        are none) and a 0-d tensor with their number.
-    """
-    eligible = ((labels > 0.5) & (mask.sum(dim=1) == 1)).float()
-    count = eligible.sum()
-    centroid = soft_centroid(cam_logits, size, temperature)
-    target = (points * mask.unsqueeze(-1).to(points.dtype)).sum(dim=1)
-    dist = torch.sqrt(((centroid - target) ** 2).sum(dim=1) + 1e-8)
-    per_sample = dist if kind == "l2" else extended_log_barrier(dist - margin, tlb)
-    return (per_sample * eligible).sum() / count.clamp_min(1.0), count
 
 
 class _LossReadout:
@@ -283,7 +142,7 @@ class _Trainer:
     """The mutable parts of one fit call; :func:`fit` is its public face."""
 
     def __init__(self, model: CamNet, store: PatchStore, train_indices, val_indices,
-                 params: TrainParams, run: RunDir, device: torch.device, reporter: Reporter,
+                 params: TeachConfig, run: RunDir, device: torch.device, reporter: Reporter,
                  labels, stop, on_step):
         self.model, self.store, self.params, self.run = model, store, params, run
         self.device, self.reporter, self.stop, self.on_step = device, reporter, stop, on_step
@@ -322,43 +181,23 @@ class _Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self, threshold: float, val_f1: float | None) -> dict:
         s = self.state
-        rng_cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
-        return {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "model": self.model.state_dict(), "model_config": self.model.config(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
-            "sums": dict(s.sums), "best": s.best_f1, "best_epoch": s.best_epoch,
-            "best_threshold": s.best_threshold, "threshold": float(threshold), "val_f1": val_f1,
-            "params": self.params.to_dict(), "store_uuid": self.store.uuid,
-            "rng_torch": torch.get_rng_state(), "rng_cuda": list(rng_cuda),
-            "rng_aug": self.aug_gen.get_state(),
-        }
+        counters = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
+                    "sums": dict(s.sums), "best": s.best_f1, "best_epoch": s.best_epoch,
+                    "best_threshold": s.best_threshold}
+        return build_checkpoint(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                                aug_gen=self.aug_gen, counters=counters, threshold=threshold, val_f1=val_f1,
+                                params=self.params, store_uuid=self.store.uuid, device=self.device)
 
     def restore(self) -> None:
         ck = self.run.load_checkpoint("last", map_location="cpu")
-        if ck.get("store_uuid") != self.store.uuid:
-            raise InputDataError(
-                f"run {self.run.path} was trained on store {ck.get('store_uuid')}, not {self.store.uuid} "
-                f"({self.store.path})", hint="resume with the store the run was started on, or start a new run")
-        if ck.get("model_config") != self.model.config():
-            raise UsageError(f"the model options differ from the run's: {ck.get('model_config')}",
-                             hint="resume with the same --arch/--n-blocks/--aggregation/--mode/--input-norm")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if ck.get("scaler"):
-            self.scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng_torch"])
-        if self.device.type == "cuda" and ck.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(ck["rng_cuda"])
-        self.aug_gen.set_state(ck["rng_aug"])
-        self.state = _State(epoch=int(ck["epoch"]), step_in_epoch=int(ck["step_in_epoch"]),
-                            global_step=int(ck["global_step"]), best_f1=float(ck["best"]),
-                            best_epoch=int(ck["best_epoch"]), best_threshold=float(ck["best_threshold"]),
-                            sums={**_zero_sums(), **ck.get("sums", {})})
-        old = {k: v for k, v in ck.get("params", {}).items() if k != "epochs"}
-        new = {k: v for k, v in self.params.to_dict().items() if k != "epochs"}
-        changed = sorted(k for k in new if old.get(k, new[k]) != new[k])
+        check_resumable(ck, run_path=self.run.path, store=self.store, model=self.model)
+        c = restore_states(ck, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                           aug_gen=self.aug_gen, device=self.device)
+        self.state = _State(epoch=int(c["epoch"]), step_in_epoch=int(c["step_in_epoch"]),
+                            global_step=int(c["global_step"]), best_f1=float(c["best"]),
+                            best_epoch=int(c["best_epoch"]), best_threshold=float(c["best_threshold"]),
+                            sums={**_zero_sums(), **(c["sums"] or {})})
+        changed = changed_options(ck.get("params", {}), self.params)
         if changed:
             self.reporter.warn(f"resuming with changed training options: {', '.join(changed)}")
         self.run.truncate_history(self.state.epoch)
@@ -509,7 +348,7 @@ def _epoch_line(row: dict, improved: bool) -> str:
 
 
 def fit(model: CamNet, store: PatchStore, train_indices: Sequence[int], val_indices: Sequence[int],
-        params: TrainParams, run: RunDir, *, device: torch.device, reporter: Reporter | None = None,
+        params: TeachConfig, run: RunDir, *, device: torch.device, reporter: Reporter | None = None,
         labels: np.ndarray | None = None, resume: bool = False,
         stop: Callable[[], bool] | None = None, on_step: Callable[[StepInfo], None] | None = None,
         handle_sigint: bool = True, run_config: dict | None = None) -> FitResult:
@@ -521,7 +360,7 @@ def fit(model: CamNet, store: PatchStore, train_indices: Sequence[int], val_indi
         train_indices: store indices to train on (already filtered, e.g. ``only_one_mitosis``).
         val_indices: store indices to validate on each epoch (empty: no validation; then every
             epoch counts as best and the threshold is 0.5).
-        params: hyper-parameters.
+        params: the run's options (only the training ones matter here; ``validate`` is called).
         run: a created (or, to resume, opened) :class:`RunDir`.
         device: the resolved device.
         reporter: progress sink (default :class:`NullReporter`).
@@ -532,7 +371,7 @@ def fit(model: CamNet, store: PatchStore, train_indices: Sequence[int], val_indi
         handle_sigint: in the main thread, the first Ctrl-C finishes the current step before
             stopping (a second one stops at once).
         run_config: extra content for ``config.json`` on a fresh run (the caller's full config);
-            ``model``, ``train`` and ``store`` sections are added when absent.
+            ``schema_version``, ``config`` (``params``), ``model`` and ``store`` are added when absent.
 
     Returns:
         A :class:`FitResult`.
@@ -560,8 +399,9 @@ def fit(model: CamNet, store: PatchStore, train_indices: Sequence[int], val_indi
                      + (f", step {trainer.state.step_in_epoch}" if trainer.state.step_in_epoch else ""))
     else:
         config = dict(run_config or {})
+        config.setdefault("schema_version", SCHEMA_VERSION)
+        config.setdefault("config", to_dict(params))
         config.setdefault("model", model.config())
-        config.setdefault("train", params.to_dict())
         config.setdefault("store", {"path": str(store.path), "uuid": store.uuid, "n_patches": len(store),
                                     "n_train": int(len(train_indices)), "n_val": int(len(val_indices))})
         run.write_config(config)

@@ -1,0 +1,65 @@
+"""Losses of the CAM training beyond the image-level BCE: the location constraint (METHOD.md section 3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from uts_cli.model.cam import upsample_cam
+
+
+def extended_log_barrier(z: torch.Tensor, t: float) -> torch.Tensor:
+    """Kervadec et al.'s extended log-barrier of the constraint ``z <= 0``.
+
+    ``-log(-z)/t`` for ``z <= -1/t^2``, else the linear extension ``t z - log(1/t^2)/t + 1/t``
+    (continuous with a continuous derivative at the switch).
+    """
+    switch = -1.0 / (t * t)
+    inside = -torch.log((-z).clamp_min(1.0 / (t * t))) / t
+    outside = t * z - math.log(1.0 / (t * t)) / t + 1.0 / t
+    return torch.where(z <= switch, inside, outside)
+
+
+def soft_centroid(cam_logits: torch.Tensor, size: tuple[int, int], temperature: float) -> torch.Tensor:
+    """Centroid ``(n, 2)`` yx (input pixels) of ``sigmoid(T * upsampled CAM)``.
+
+    The CAM is upsampled to the input size first, as the method does; that costs ``H*W`` per
+    sample, negligible beside the backbone, and keeps the centroid exact in input pixels.
+    """
+    prob = torch.sigmoid(temperature * upsample_cam(cam_logits.float(), size))[:, 0]
+    height, width = size
+    ys = torch.arange(height, device=prob.device, dtype=prob.dtype)
+    xs = torch.arange(width, device=prob.device, dtype=prob.dtype)
+    total = prob.sum(dim=(1, 2)).clamp_min(1e-6)
+    cy = (prob.sum(dim=2) * ys).sum(dim=1) / total
+    cx = (prob.sum(dim=1) * xs).sum(dim=1) / total
+    return torch.stack([cy, cx], dim=1)
+
+
+def location_loss(cam_logits: torch.Tensor, points: torch.Tensor, mask: torch.Tensor,
+                  labels: torch.Tensor, size: tuple[int, int], kind: str, temperature: float = 10.0,
+                  margin: float = 40.0, tlb: float = 50.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location constraint on positive patches with exactly one (valid) annotated point.
+
+    Computed on every sample and masked, rather than on a selected subset: selecting would need
+    the subset's size on the host, which stalls a GPU every step.
+
+    Args:
+        cam_logits: ``(B, 1, h, w)`` CAM logits.
+        points: ``(B, K, 2)`` yx after augmentation; mask ``(B, K)`` their validity.
+        labels: ``(B,)`` labels after augmentation.
+        size: input ``(H, W)``.
+        kind: ``"l2"`` (mean distance) or ``"lb"`` (mean extended log-barrier of distance - margin).
+        temperature, margin, tlb: see :class:`uts_cli.config.TeachConfig`.
+
+    Returns:
+        ``(loss, count)``: the mean over the covered samples (0, still differentiable, when there
+        are none) and a 0-d tensor with their number.
+    """
+    eligible = ((labels > 0.5) & (mask.sum(dim=1) == 1)).float()
+    count = eligible.sum()
+    centroid = soft_centroid(cam_logits, size, temperature)
+    target = (points * mask.unsqueeze(-1).to(points.dtype)).sum(dim=1)
+    dist = torch.sqrt(((centroid - target) ** 2).sum(dim=1) + 1e-8)
+    per_sample = dist if kind == "l2" else extended_log_barrier(dist - margin, tlb)
+    return (per_sample * eligible).sum() / count.clamp_min(1.0), count
