@@ -170,6 +170,9 @@ class TeachConfig:
             one_of(self.amp, choices.AMP_MODES, "--amp"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other",
              "give one of them"),
+            # Otherwise the flag would be accepted and change nothing: only the location loss reads points.
+            (not self.use_truth or self.location != "none", "--use-truth needs a location loss",
+             "add --location l2 or --location lb, or drop --use-truth"),
             (1 <= self.n_blocks <= 4, "n_blocks must be between 1 and 4", "use --n-blocks 1 to 4"),
             (self.epochs >= 1, "epochs must be >= 1", "use --epochs 1 or more"),
             (self.lr > 0, "learning rate must be > 0", "use a positive --lr, e.g. 1e-4"),

@@ -119,6 +119,9 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     _check_name(cfg.name)
     cfg.validate()
     store = PatchStore(cfg.store)
+    if cfg.use_truth and not store.has_truth:
+        raise UsageError(f"--use-truth needs a store with a clean truth; {store.path} has none",
+                         hint="use a synthetic store (uts prepare synthetic), or drop --use-truth")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)

@@ -42,6 +42,9 @@ def distill_cmd(
                                                             help="Default: the teacher's.")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Default: the teacher's.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Default: the teacher's.")] = None,
+    augment: Annotated[Optional[bool], typer.Option(
+        "--augment/--no-augment", help="Spatial augmentation of the student (default: the teacher's).",
+        show_default=False)] = None,
     pixel_threshold: Annotated[Optional[str], typer.Option(
         "--pixel-threshold", help="image or localization (default: the teacher's).")] = None,
     workers: WorkersOpt = 2,
@@ -55,7 +58,7 @@ def distill_cmd(
     from uts_cli.config import DistillConfig
 
     overrides = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
-                 "weights": weights, "seed": seed, "pixel_threshold": pixel_threshold}
+                 "weights": weights, "seed": seed, "pixel_threshold": pixel_threshold, "augment": augment}
     cfg = DistillConfig(teacher=Path(teacher), name=name, runs_dir=runs_dir, criterion=criterion.value,
                         pseudolabel=pseudolabel, radius_px=radius_px, overrides=overrides, device=device,
                         workers=workers, resume=resume, overwrite=overwrite)

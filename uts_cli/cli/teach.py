@@ -56,6 +56,9 @@ def teach_cmd(
     temperature: Annotated[float, typer.Option(help="T in sigmoid(T * CAM) for the soft centroid.")] = 10.0,
     margin: Annotated[float, typer.Option(help="lb: distance allowed for free, pixels.")] = 40.0,
     tlb: Annotated[float, typer.Option(help="lb: barrier parameter t.")] = 50.0,
+    augment: Annotated[bool, typer.Option(
+        "--augment/--no-augment", help="Random flips/rotation/transpose of each training patch and its points.")
+    ] = True,
     strong_augmentation: Annotated[bool, typer.Option(
         "--strong-augmentation", help="Add elastic deformation to flips/rotation/transpose.")] = False,
     balance: Annotated[bool, typer.Option(help="Class-balanced sampling.")] = True,
@@ -65,6 +68,10 @@ def teach_cmd(
         "--pixel-threshold", help="CAM threshold: the image-level one (original) or the best localization F1 on val.")
     ] = PixelThreshold.image,
     amp: Annotated[Amp, typer.Option(help="Mixed precision (auto: on for CUDA).")] = Amp.auto,
+    use_truth: Annotated[bool, typer.Option(
+        "--use-truth", help="Research: the location loss reads the store's clean truth points instead of the "
+                            "annotations (synthetic stores only; labels stay the annotations'). An oracle "
+                            "for measuring what noisy points cost.")] = False,
     seed: SeedOpt = 0,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -80,9 +87,10 @@ def teach_cmd(
                       aggregation=aggregation.value, mode=mode.value, weights=weights, input_norm=input_norm.value,
                       epochs=epochs, lr=lr, batch_size=batch_size, location=location.value,
                       alpha_location=alpha_location, temperature=temperature, margin=margin, tlb=tlb,
-                      strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,
+                      augment=augment, strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,
                       steps_per_epoch=steps_per_epoch, pixel_threshold=pixel_threshold.value, amp=amp.value,
-                      seed=seed, workers=workers, device=device, resume=resume, overwrite=overwrite)
+                      use_truth=use_truth, seed=seed, workers=workers, device=device, resume=resume,
+                      overwrite=overwrite)
     result = teach(cfg, CliReporter())
     render_run(result, "teach", json_output)
 
