@@ -75,6 +75,20 @@ RUN_CONTROL_FIELDS = ("store", "name", "runs_dir", "device", "resume", "overwrit
 _PATH_FIELDS = ("store", "runs_dir")
 
 
+def check_schema_version(data: dict[str, Any], source: Any = "the run config") -> None:
+    """Raise InputDataError when a saved config was written by a newer uts than this one.
+
+    Args:
+        data: a run's ``config.json`` (no ``schema_version``: version 1).
+        source: what to name in the message (e.g. the file's path).
+    """
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise InputDataError(
+            f"{source} has schema version {version!r}; this uts reads up to {SCHEMA_VERSION}",
+            hint="upgrade uts (pip install -U uts) to read runs made by a newer version")
+
+
 @dataclass(frozen=True)
 class TeachConfig:
     """Everything ``uts teach`` (and the student of ``uts distill``) trains with; defaults are the method's.
@@ -212,11 +226,7 @@ class TeachConfig:
             InputDataError: the config is from a newer uts (``schema_version`` above this one's),
                 or ``store``/``name`` are missing and not given.
         """
-        version = data.get("schema_version", 1)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise InputDataError(
-                f"the run config has schema version {version!r}; this uts reads up to {SCHEMA_VERSION}",
-                hint="upgrade uts (pip install -U uts) to read runs made by a newer version")
+        check_schema_version(data)
         flat: dict[str, Any] = {}
         if isinstance(data.get("config"), dict):   # a whole config.json
             flat.update(data.get("train") or {})

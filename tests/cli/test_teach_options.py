@@ -48,3 +48,23 @@ def test_use_truth_is_refused_where_it_would_do_nothing(tmp_path):
                       env=ENV)
     assert r.exit_code == 2 and "needs a location loss" in r.stderr
     assert not (runs / "b").exists()
+
+
+def test_a_run_from_a_newer_uts_is_refused_with_exit_3(tmp_path):
+    store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
+    runs = tmp_path / "runs"
+    assert _teach(store, runs, "t").exit_code == 0
+    cfg_path = runs / "t" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["schema_version"] = SCHEMA_VERSION + 1
+    cfg_path.write_text(json.dumps(cfg))
+    commands = [
+        ["eval", "t", "--runs-dir", str(runs), "--device", "cpu"],
+        ["teach", str(store), "--name", "t", "--runs-dir", str(runs), "--resume", *TINY],
+        ["distill", "--teacher", "t", "--name", "s", "--runs-dir", str(runs), "--device", "cpu", "--workers", "0"],
+    ]
+    for args in commands:
+        r = runner.invoke(app, args, env=ENV)
+        assert r.exit_code == 3, (args[0], r.stderr)
+        assert "config.json" in r.stderr and "upgrade uts" in r.stderr, args[0]
+    assert not (runs / "s").exists()

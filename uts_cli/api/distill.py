@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from uts_cli.choices import FILTERS
-from uts_cli.config import DistillConfig, TeachConfig, to_dict
+from uts_cli.config import DistillConfig, TeachConfig, check_schema_version, to_dict
 from uts_cli.distillation import REASONS, decide
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import PatchStore
@@ -137,6 +137,7 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
     teacher_dir = resolve_run(cfg.teacher, cfg.runs_dir)
     teacher_run = RunDir(teacher_dir).open_existing()
     tconf = teacher_run.read_config()
+    check_schema_version(tconf, teacher_run.config_path)
     if "threshold" not in tconf or "config" not in tconf:
         raise InputDataError(f"teacher run {teacher_dir} has not finished training",
                              hint=f"finish it with: uts teach ... --name {teacher_dir.name} --resume")

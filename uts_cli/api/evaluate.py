@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from uts_cli.choices import CHECKPOINT_NAMES, MATCHING_MODES, TRUTH_MODES
-from uts_cli.config import EvalConfig
+from uts_cli.config import EvalConfig, check_schema_version
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import SPLIT_CODES, PatchStore
 from uts_cli.metrics import Counts
@@ -106,6 +106,7 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
         raise UsageError("--radius-px and --radius-um exclude each other", hint="give one of them")
     run = RunDir(Path(cfg.run)).open_existing()
     rconf = run.read_config()
+    check_schema_version(rconf, run.config_path)
     store_path = Path(cfg.store) if cfg.store else Path(rconf.get("config", {}).get("store", ""))
     store = PatchStore(store_path)
     device = resolve_device(cfg.device)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uts_cli.config import SCHEMA_VERSION, TeachConfig, to_dict
+from uts_cli.config import SCHEMA_VERSION, TeachConfig, check_schema_version, to_dict
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import PatchStore
 from uts_cli.reporting import NullReporter, Reporter
@@ -139,6 +139,7 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     run = RunDir(resolve_run(cfg.name, cfg.runs_dir))
     if cfg.resume:
         run.open_existing()
+        check_schema_version(run.read_config(), run.config_path)
     else:
         run.create(overwrite=cfg.overwrite)
     model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
