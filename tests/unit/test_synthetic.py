@@ -13,7 +13,7 @@ import tifffile
 from skimage.color import rgb2hed
 
 from uts_cli.datasets import _render, synthetic
-from uts_cli.datasets.base import KIND_HARD_NEGATIVE, KIND_MITOSIS
+from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS
 from uts_cli.datasets.synthetic import SyntheticSpec, discover, generate
 from uts_cli.errors import UsageError
 

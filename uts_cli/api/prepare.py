@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from uts_cli.config import PrepareConfig, to_dict, to_json
-from uts_cli.datasets.base import KIND_HARD_NEGATIVE, KIND_MITOSIS, SourceImage
+from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS
+from uts_cli.datasets.base import SourceImage
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io import store
 from uts_cli.reporting import NullReporter, Reporter

@@ -10,9 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-# Point kinds stored in the patch store (/points/kind, /truth/kind), and the split names.
-from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS, POINT_KINDS, SPLITS  # noqa: F401  (re-exported)
-
 
 @dataclass
 class SourceImage:
@@ -23,7 +20,7 @@ class SourceImage:
         case_id: patient/slide id; splits are made per case, never per patch.
         path: absolute path of the image file.
         points_yx: (K, 2) float32 annotated points, image coordinates (see module docstring).
-        kinds: (K,) uint8, ``KIND_MITOSIS`` or ``KIND_HARD_NEGATIVE`` per point.
+        kinds: (K,) uint8, ``KIND_MITOSIS`` or ``KIND_HARD_NEGATIVE`` (``uts_cli.choices``) per point.
         split: "train", "val" or "test" (the dataset's default rule; overridable later).
         pixel_size_um: physical pixel size in micrometres (None when unknown).
         truth_yx / truth_kinds: clean ground truth where the dataset has one apart from the

@@ -24,7 +24,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from uts_cli.datasets.base import KIND_HARD_NEGATIVE, KIND_MITOSIS, DatasetListing
+from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS
+from uts_cli.datasets.base import DatasetListing
 from uts_cli.datasets.folder import make_image, require_root, summarise
 from uts_cli.datasets.splits import apply_root_splits
 from uts_cli.errors import InputDataError

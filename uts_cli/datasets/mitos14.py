@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uts_cli.datasets.base import KIND_HARD_NEGATIVE, KIND_MITOSIS, DatasetListing
+from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS
+from uts_cli.datasets.base import DatasetListing
 from uts_cli.datasets.folder import make_image, require_root, summarise
 from uts_cli.datasets.splits import apply_root_splits
 from uts_cli.errors import InputDataError, UsageError

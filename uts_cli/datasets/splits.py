@@ -13,7 +13,8 @@ import csv
 import hashlib
 from pathlib import Path
 
-from uts_cli.datasets.base import SPLITS, DatasetListing
+from uts_cli.choices import SPLITS
+from uts_cli.datasets.base import DatasetListing
 from uts_cli.errors import InputDataError
 
 ROOT_SPLITS_FILE = "splits.csv"

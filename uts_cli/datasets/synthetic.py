@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from uts_cli.datasets import _render
-from uts_cli.datasets.base import SPLITS, DatasetListing, SourceImage, empty_points
+from uts_cli.choices import SPLITS
+from uts_cli.datasets.base import DatasetListing, SourceImage, empty_points
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.reporting import NullReporter, Reporter
 
