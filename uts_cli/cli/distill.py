@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from uts_cli.choices import FILTERS
+from uts_cli.choices import FILTERS, PIXEL_THRESHOLD_MODES
 from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, WorkersOpt, choice_enum
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
 from uts_cli.cli.teach import ResumeOpt, RunsDirOpt
@@ -22,6 +22,7 @@ EXAMPLES = """Examples:
 
 
 Filter = choice_enum("Filter", FILTERS)
+PixelThreshold = choice_enum("PixelThreshold", PIXEL_THRESHOLD_MODES)
 
 
 @cli_errors("distill")
@@ -45,8 +46,8 @@ def distill_cmd(
     augment: Annotated[Optional[bool], typer.Option(
         "--augment/--no-augment", help="Spatial augmentation of the student (default: the teacher's).",
         show_default=False)] = None,
-    pixel_threshold: Annotated[Optional[str], typer.Option(
-        "--pixel-threshold", help="image or localization (default: the teacher's).")] = None,
+    pixel_threshold: Annotated[Optional[PixelThreshold], typer.Option(
+        "--pixel-threshold", help="image or localization (default: the teacher's).", show_default=False)] = None,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
@@ -58,7 +59,7 @@ def distill_cmd(
     from uts_cli.config import DistillConfig
 
     overrides = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
-                 "weights": weights, "seed": seed, "pixel_threshold": pixel_threshold, "augment": augment}
+                 "weights": weights, "seed": seed, "pixel_threshold": pixel_threshold and pixel_threshold.value, "augment": augment}
     cfg = DistillConfig(teacher=Path(teacher), name=name, runs_dir=runs_dir, criterion=criterion.value,
                         pseudolabel=pseudolabel, radius_px=radius_px, overrides=overrides, device=device,
                         workers=workers, resume=resume, overwrite=overwrite)
