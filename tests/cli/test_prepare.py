@@ -301,3 +301,25 @@ def test_labels_option_is_refused_for_mitos14(tmp_path):
     r = runner.invoke(app, ["prepare", "MITOS14", "--root", str(tmp_path), "--labels", str(tmp_path)], env=ENV)
     assert r.exit_code == 2 and "--labels does not apply to dataset MITOS14" in r.stderr
     assert "TUPAC16" in r.stderr
+
+
+def test_full_disk_in_prepare_names_the_partial_store(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import uts_cli.api.prepare as prep
+
+    store_path = tmp_path / "o.h5"
+    real = prep.store.append_rows
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prep.store, "append_rows", full)
+    make_tupac(tmp_path / "TUPAC16", np.random.default_rng(9), cases=("01",), size=(256, 256), n_points=1)
+    r = runner.invoke(app, ["prepare", "TUPAC16", "--root", str(tmp_path / "TUPAC16"), "-o", str(store_path),
+                            "--patch-size", "128"], env=ENV)
+    monkeypatch.setattr(prep.store, "append_rows", real)
+    assert r.exit_code == 4, r.stderr
+    assert "o.h5.partial" in r.stderr and "free space" in r.stderr
+    assert not store_path.exists()
