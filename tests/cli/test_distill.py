@@ -211,3 +211,21 @@ def test_interrupt_hints_say_how_to_continue(tiny_store, tmp_path, monkeypatch):
     monkeypatch.setattr(teach_api, "PatchStore", interrupt)
     r = runner.invoke(app, ["teach", str(tiny_store), "--name", "x", "--runs-dir", str(tmp_path), *TINY], env=ENV)
     assert r.exit_code == 130 and "with --resume" in r.stderr
+
+
+def test_eval_warns_when_the_store_stain_differs_from_the_runs(teacher, tmp_path):
+    import shutil
+
+    _, runs = teacher
+    run = tmp_path / "t-macenko"
+    shutil.copytree(runs / "t", run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["stain"]["method"] == "none"
+    cfg["stain"]["method"] = "macenko"  # as if trained on a normalized store
+    (run / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["eval", str(run), "--device", "cpu", "-o", str(tmp_path / "ev")], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    assert "stain method 'macenko'" in r.stderr and "'none'" in r.stderr
+    r = runner.invoke(app, ["eval", "t", "--runs-dir", str(runs), "--device", "cpu", "-o", str(tmp_path / "e2")],
+                      env=ENV)
+    assert r.exit_code == 0 and "stain method" not in r.stderr
