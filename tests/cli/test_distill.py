@@ -229,3 +229,30 @@ def test_eval_warns_when_the_store_stain_differs_from_the_runs(teacher, tmp_path
     r = runner.invoke(app, ["eval", "t", "--runs-dir", str(runs), "--device", "cpu", "-o", str(tmp_path / "e2")],
                       env=ENV)
     assert r.exit_code == 0 and "stain method" not in r.stderr
+
+
+def test_student_interrupted_mid_training_resumes_from_its_checkpoint_without_rescoring(teacher, monkeypatch):
+    from uts_cli.model import train
+
+    _, runs = teacher
+    real_epoch = train._Trainer.run_epoch
+
+    def stop_in_epoch_2(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(train._Trainer, "run_epoch", stop_in_epoch_2)
+    r = _distill(runs, "s2", "--pseudolabel", "--epochs", "2", "--steps-per-epoch", "2")
+    assert r.exit_code == 130 and "--resume" in r.stderr
+    assert (runs / "s2" / "checkpoints" / "last.pt").is_file()
+    assert (runs / "s2" / "distill" / "removed.csv").is_file()
+
+    monkeypatch.setattr(train._Trainer, "run_epoch", real_epoch)
+    _no_scoring(monkeypatch)
+    r = _distill(runs, "s2", "--pseudolabel", "--epochs", "2", "--steps-per-epoch", "2", "--resume", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["reused_scores"] is True and doc["student"]["epochs_done"] == 2
+    history = (runs / "s2" / "history.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in history] == [1, 2]
