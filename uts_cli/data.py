@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from uts_cli.choices import KIND_MITOSIS
-from uts_cli.errors import InputDataError
+from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.store import PatchStore
 
 
@@ -135,7 +135,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
     def __init__(self, labels: np.ndarray, batch_size: int, seed: int = 0, balance: bool = True,
                  epoch_len: int | None = None):
         if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise UsageError(f"batch size {batch_size} must be at least 1", hint="use e.g. --batch-size 32")
         self.labels = np.asarray(labels) > 0.5
         self.batch_size = int(batch_size)
         self.seed = int(seed)

@@ -97,7 +97,7 @@ def detections_from_prob(prob, threshold: float, min_area: int = 1) -> Detection
     """
     prob = _as_map(prob)
     if min_area < 1:
-        raise UsageError(f"min_area must be >= 1 pixel, got {min_area}", hint="use --min-area 1 or more")
+        raise UsageError(f"min_area must be >= 1 pixel, got {min_area}", hint="use a minimum area of at least 1 pixel")
     labels, n = label(prob >= threshold, connectivity=2, return_num=True)
     if n == 0:
         return Detections.empty()

@@ -112,3 +112,50 @@ def test_interrupted_normalize_resumes_to_identical_store(raw_store, tmp_path, m
     with h5py.File(ref) as a, h5py.File(out) as b:
         np.testing.assert_array_equal(a["patches/rgb"][...], b["patches/rgb"][...])
         np.testing.assert_array_equal(a["normalization/ok"][...], b["normalization/ok"][...])
+
+
+def test_compression_option_sets_the_output_compression(raw_store, tmp_path):
+    out = tmp_path / "g.h5"
+    r = runner.invoke(app, ["normalize", str(raw_store), "-o", str(out), "--device", "cpu",
+                            "--compression", "gzip"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(out) as f:
+        assert f["patches/rgb"].compression == "gzip" and f.attrs["compression"] == "gzip"
+    with h5py.File(raw_store) as f:
+        assert f.attrs["compression"] != "gzip"  # so the option, not inheritance, chose it
+
+
+def test_api_refuses_reference_and_reference_id_together(raw_store, tmp_path):
+    from uts_cli.api.normalize import normalize
+    from uts_cli.config import NormalizeConfig
+    from uts_cli.errors import UsageError
+
+    cfg = NormalizeConfig(store=raw_store, output=tmp_path / "x.h5", reference=raw_store,
+                          reference_image_id="c0/f0", device="cpu")
+    with pytest.raises(UsageError, match="exclude each other"):
+        normalize(cfg)
+    with pytest.raises(UsageError, match="--batch-size"):
+        normalize(NormalizeConfig(store=raw_store, output=tmp_path / "x.h5", batch_size=0))
+    assert not (tmp_path / "x.h5").exists() and not partial_path(tmp_path / "x.h5").exists()
+
+
+def test_partial_made_with_other_settings_is_announced_before_it_is_discarded(raw_store, tmp_path,
+                                                                              monkeypatch):
+    from uts_cli.api import normalize as norm_api
+    import uts_cli.stain as stain
+
+    monkeypatch.setattr(norm_api, "BLOCK", 32)
+    out = tmp_path / "o.h5"
+    real = stain.normalize_batch
+
+    def interrupt(batch, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stain, "normalize_batch", interrupt)
+    args = ["normalize", str(raw_store), "-o", str(out), "--device", "cpu"]
+    assert runner.invoke(app, args, env=ENV).exit_code == 130
+    assert partial_path(out).exists()
+    monkeypatch.setattr(stain, "normalize_batch", real)
+    r = runner.invoke(app, args + ["--beta", "0.2"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    assert "discarding the unfinished" in r.stderr and "other settings" in r.stderr

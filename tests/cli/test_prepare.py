@@ -1,6 +1,5 @@
 """`uts prepare` end to end on small dataset layouts, and its bad-input paths."""
 import json
-import shutil
 
 import h5py
 import numpy as np
@@ -238,6 +237,7 @@ def test_corrupt_partial_is_discarded_and_rebuilt(tmp_path):
                       env=ENV)
     assert r.exit_code == 0, r.stderr
     assert len(PatchStore(out)) == 4
+    assert "discarding the unfinished" in r.stderr and "unreadable" in r.stderr
 
 
 def test_ccmct_whole_slide_region_reads_with_tissue_filter(tmp_path):
@@ -273,3 +273,52 @@ def test_ccmct_whole_slide_region_reads_with_tissue_filter(tmp_path):
         np.testing.assert_array_equal(s.read_rgb(k), slide[y:y + 256, x:x + 256])
     np.testing.assert_allclose(s.image_points(0), [[725, 625]])
     np.testing.assert_allclose(s.image_points(0, kind=1), [[125, 125]])
+
+
+@pytest.mark.parametrize("extra, takers", [
+    (["--seed", "3"], "synthetic"),
+    (["--min-confidence", "0.5"], "MITOS14"),
+    (["--include-unlabelled"], "MIDOG21"),
+    (["--annotations", "{ann}"], "folder, MIDOG21, CCMCT"),
+])
+def test_options_of_other_datasets_are_refused_not_ignored(tmp_path, extra, takers):
+    rng = np.random.default_rng(8)
+    root = tmp_path / "TUPAC16"
+    make_tupac(root, rng, cases=("01",), size=(256, 256), n_points=1)
+    ann = tmp_path / "a.csv"
+    ann.write_text("image,x,y\n")
+    out = tmp_path / "o.h5"
+    extra = [a.format(ann=ann) for a in extra]
+    r = runner.invoke(app, ["prepare", "TUPAC16", "--root", str(root), "-o", str(out), "--patch-size", "128",
+                            *extra], env=ENV)
+    assert r.exit_code == 2, r.stderr
+    assert f"{extra[0]} does not apply to dataset TUPAC16" in r.stderr and takers in r.stderr
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_labels_option_is_refused_for_mitos14(tmp_path):
+    r = runner.invoke(app, ["prepare", "MITOS14", "--root", str(tmp_path), "--labels", str(tmp_path)], env=ENV)
+    assert r.exit_code == 2 and "--labels does not apply to dataset MITOS14" in r.stderr
+    assert "TUPAC16" in r.stderr
+
+
+def test_full_disk_in_prepare_names_the_partial_store(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import uts_cli.api.prepare as prep
+
+    store_path = tmp_path / "o.h5"
+    real = prep.store.append_rows
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prep.store, "append_rows", full)
+    make_tupac(tmp_path / "TUPAC16", np.random.default_rng(9), cases=("01",), size=(256, 256), n_points=1)
+    r = runner.invoke(app, ["prepare", "TUPAC16", "--root", str(tmp_path / "TUPAC16"), "-o", str(store_path),
+                            "--patch-size", "128"], env=ENV)
+    monkeypatch.setattr(prep.store, "append_rows", real)
+    assert r.exit_code == 4, r.stderr
+    assert "o.h5.partial" in r.stderr and "free space" in r.stderr
+    assert not store_path.exists()

@@ -385,8 +385,38 @@ def test_registry_names_and_roots(tupac_root):
     with pytest.raises(UsageError) as info:
         registry.discover("camelyon", root=tupac_root)
     assert "MIDOG21" in info.value.hint
-    with pytest.raises(UsageError, match="min_confidence"):
+    with pytest.raises(UsageError, match="--min-confidence does not apply to dataset TUPAC16") as info:
         registry.discover("TUPAC16", root=tupac_root, min_confidence=0.5)
+    assert "MITOS14" in info.value.hint
+
+
+@pytest.mark.parametrize("dataset, option, value, takers", [
+    ("TUPAC16", "seed", 3, "synthetic"),
+    ("synthetic", "min_confidence", 0.5, "MITOS14"),
+    ("folder", "include_unlabelled", True, "MIDOG21"),
+    ("MIDOG21", "labels", "x", "TUPAC16"),
+    ("MITOS14", "annotations", "a.csv", "folder, MIDOG21, CCMCT"),
+])
+def test_registry_refuses_options_of_other_datasets(dataset, option, value, takers, tmp_path):
+    # Refused before the folder is even looked at: tmp_path holds no dataset.
+    with pytest.raises(UsageError) as info:
+        registry.discover(dataset, root=tmp_path, **{option: value})
+    assert registry.option_flag(option) in info.value.message and takers in info.value.hint
+
+
+def test_dataset_options_table_matches_the_readers():
+    import importlib
+    import inspect
+
+    for option, takers in registry.DATASET_OPTIONS.items():
+        for name in registry.DATASET_NAMES:
+            if name == "synthetic":
+                continue  # takes SyntheticSpec fields through **options
+            params = inspect.signature(importlib.import_module(registry._MODULES[name]).discover).parameters
+            assert (option in params) == (name in takers), (option, name)
+    from uts_cli.datasets.synthetic import SyntheticSpec
+
+    assert "seed" in {f.name for f in __import__("dataclasses").fields(SyntheticSpec)}
 
 
 def test_registry_splits_option(tupac_root, tmp_path):

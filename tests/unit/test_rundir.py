@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,77 @@ def test_plot_history(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     with pytest.raises(InputDataError):
         plot_history(tmp_path / "none.csv", tmp_path / "x.png")
+
+
+def test_resolve_run_and_run_names(tmp_path):
+    from uts_cli.errors import UsageError
+    from uts_cli.io.rundir import check_run_name, resolve_run
+
+    assert resolve_run("t1", tmp_path) == tmp_path / "t1"
+    assert resolve_run("other/t1", tmp_path) == Path("other/t1")
+    assert resolve_run(tmp_path / "abs", "runs") == tmp_path / "abs"
+    check_run_name("teacher-1.b")
+    for bad in ("", ".hidden", "a/b", "a b"):
+        with pytest.raises(UsageError):
+            check_run_name(bad)
+
+
+def test_unknown_checkpoint_name_is_a_usage_error(tmp_path):
+    from uts_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown checkpoint 'middle'") as info:
+        RunDir(tmp_path / "r").checkpoint_path("middle")
+    assert "best" in info.value.hint and "last" in info.value.hint
+
+
+def test_collect_env_names_the_software_and_machine():
+    from uts_cli.io.rundir import collect_env
+
+    env = collect_env()
+    for key in ("python", "platform", "torch", "torchvision", "torchstain", "cuda", "cudnn", "gpu", "threads",
+                "hostname"):
+        assert key in env, key
+    assert env["threads"] >= 1 and env["python"].count(".") == 2 and env["hostname"]
+
+
+def test_run_log_reporter_writes_info_lines_and_forwards_everything(tmp_path):
+    from uts_cli.io.rundir import RunLogReporter
+
+    seen = []
+
+    class Inner:
+        def start(self, d, t): seen.append(("start", d, t))
+        def advance(self, n=1, **m): seen.append(("advance", n))
+        def finish(self): seen.append(("finish",))
+        def log(self, m): seen.append(("log", m))
+        def warn(self, m): seen.append(("warn", m))
+
+    run = RunDir(tmp_path / "r").create()
+    rep = RunLogReporter(Inner(), run)
+    rep.log("epoch 1: loss 0.5")
+    rep.start("teacher scores", 10)
+    rep.advance(4)
+    rep.advance(6)
+    rep.finish()
+    rep.warn("careful")
+    lines = [line.split(" ", 1)[1] for line in run.log_path.read_text().splitlines()]
+    assert lines == ["epoch 1: loss 0.5", "teacher scores: 10/10", "WARNING: careful"]
+    assert [s[0] for s in seen] == ["log", "start", "advance", "advance", "finish", "warn"]
+
+
+def test_disk_full_in_the_atomic_writer_is_a_resource_error_naming_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from uts_cli.errors import ResourceError
+    from uts_cli.io import atomic
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    target = tmp_path / "r" / "metrics.json"
+    with pytest.raises(ResourceError) as info:
+        atomic.atomic_write_json(target, {"a": 1})
+    assert str(target) in info.value.message and "free space" in info.value.hint
+    assert not target.exists() and not list(target.parent.glob("*.tmp"))

@@ -83,7 +83,6 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
         UsageError: bad options.
         InputDataError: unknown run, run without checkpoint, store from another schema, no truth.
     """
-    from uts_cli.api.teach import resolve_run
     from uts_cli.devices import resolve_device
     from uts_cli.evaluation import FieldStitcher, match_rows, score_map
     from uts_cli.io.atomic import atomic_write_json
@@ -104,6 +103,8 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
         raise UsageError(f"unknown checkpoint {cfg.checkpoint!r}", hint=f"use one of {', '.join(CHECKPOINT_NAMES)}")
     if cfg.radius_px is not None and cfg.radius_um is not None:
         raise UsageError("--radius-px and --radius-um exclude each other", hint="give one of them")
+    if cfg.checkpoint not in CHECKPOINT_NAMES:
+        raise UsageError(f"unknown checkpoint {cfg.checkpoint!r}", hint=f"use one of {', '.join(CHECKPOINT_NAMES)}")
     run = RunDir(Path(cfg.run)).open_existing()
     rconf = run.read_config()
     check_schema_version(rconf, run.config_path)
@@ -111,6 +112,10 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
     store = PatchStore(store_path)
     device = resolve_device(cfg.device)
     model, info = load_run_model(run, cfg.checkpoint, device)
+    run_stain = (rconf.get("stain") or {}).get("method")
+    if run_stain is not None and run_stain != store.stain:
+        reporter.warn(f"run was trained on a store with stain method {run_stain!r}, {store.path} has "
+                      f"{store.stain!r}: scores may not mean what they should (normalize the store the same way)")
     if store.patch_size != int(rconf.get("input_size", store.patch_size)):
         reporter.warn(f"run was trained on {rconf.get('input_size')} px patches, store has {store.patch_size} px")
     threshold = cfg.threshold

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from uts_cli.config import NormalizeConfig, to_dict, to_json
-from uts_cli.errors import InputDataError, ResourceError, UsageError
+from uts_cli.errors import InputDataError, ResourceError, UsageError, resource_error
 from uts_cli.io import store
 from uts_cli.reporting import NullReporter, Reporter
 
@@ -125,32 +125,13 @@ def _load_reference(cfg: NormalizeConfig, src: store.PatchStore) -> tuple[np.nda
 
 def _create_output(src: store.PatchStore, out: Path, cfg: NormalizeConfig, chash: str, state: dict,
                    reference: str, compression: str) -> h5py.File:
-    part = store.partial_path(out)
-    f = h5py.File(part, "w")
-    with h5py.File(src.path, "r") as s:
-        f.attrs.update(dict(s.attrs))
-        for group in ("images", *store.POINT_GROUPS):
-            if group in s:
-                s.copy(s[group], f, name=group)
-        p = f.create_group("patches")
-        for name, ds in s["patches"].items():
-            if name != "rgb":
-                s.copy(ds, p, name=name)
-        n, ps = len(src), src.patch_size
-        p.create_dataset("rgb", shape=(n, ps, ps, 3), dtype=np.uint8, chunks=store.rgb_chunks(ps),
-                         **store._compression_kwargs(compression))
     stain_name = "macenko" if cfg.macenko else ("histogram" if cfg.hist_match else "none")
-    f.attrs.update({"uuid": __import__("uuid").uuid4().hex, "parent_uuid": src.uuid,
-                    "created_at": store._utc_now(), "stain": stain_name, "complete": False,
-                    "compression": compression, "config_hash": chash,
-                    "normalize_config_json": to_json(cfg), "n_done": 0})
-    g = f.create_group("normalization")
-    g.create_dataset("ok", shape=(len(src),), dtype=bool)
-    g.attrs.update({"method": stain_name, "reference": reference, "state_json": json.dumps(state),
-                    "io": cfg.io, "alpha": cfg.alpha, "beta": cfg.beta,
-                    "hist_match": cfg.hist_match, "macenko": cfg.macenko})
-    f.flush()
-    return f
+    return store.create_derived_partial(
+        src, out, compression=compression,
+        attrs={"stain": stain_name, "config_hash": chash, "normalize_config_json": to_json(cfg)},
+        normalization={"method": stain_name, "reference": reference, "state_json": json.dumps(state),
+                       "io": cfg.io, "alpha": cfg.alpha, "beta": cfg.beta,
+                       "hist_match": cfg.hist_match, "macenko": cfg.macenko})
 
 
 def block_length(patch_size: int) -> int:
@@ -185,6 +166,26 @@ def _prefetch(src: store.PatchStore, starts: list[int], n: int, block: int):
         yield item
 
 
+def _check_options(cfg: NormalizeConfig) -> None:
+    """Refuse option values and combinations no normalization can use (before any work)."""
+    if not (cfg.hist_match or cfg.macenko):
+        raise UsageError("both --hist-match and --macenko are off: nothing to do",
+                         hint="turn on at least one step")
+    if cfg.reference is not None and cfg.reference_image_id is not None:
+        raise UsageError("--reference and --reference-id exclude each other", hint="give one of them")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be at least 1", hint="use e.g. --batch-size 16")
+    if cfg.compression is not None and cfg.compression not in store.COMPRESSIONS:
+        raise UsageError(f"unknown --compression {cfg.compression!r}",
+                         hint=f"use one of {', '.join(store.COMPRESSIONS)}")
+    if cfg.io <= 0:
+        raise UsageError(f"--io {cfg.io} is not a background intensity", hint="use a positive value, e.g. 240")
+    if not 0 <= cfg.alpha < 50:
+        raise UsageError(f"--alpha {cfg.alpha} is not an angle percentile below 50", hint="use e.g. --alpha 1")
+    if cfg.beta < 0:
+        raise UsageError(f"--beta {cfg.beta} must not be negative", hint="use e.g. --beta 0.15")
+
+
 def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> NormalizeResult:
     """Write a stain-normalized copy of a patch store.
 
@@ -207,9 +208,7 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
 
     reporter = reporter or NullReporter()
     t0 = time.monotonic()
-    if not (cfg.hist_match or cfg.macenko):
-        raise UsageError("both --hist-match and --macenko are off: nothing to do",
-                         hint="turn on at least one step")
+    _check_options(cfg)
     src = store.PatchStore(cfg.store)
     if src.stain != "none":
         raise UsageError(f"{cfg.store} is already normalized ({src.stain})",
@@ -217,7 +216,7 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
     out = Path(cfg.output) if cfg.output else default_output(Path(cfg.store))
     if out.resolve() == Path(cfg.store).resolve():
         raise UsageError("output would overwrite the input store", hint="choose another --output")
-    store.check_output_path(out, cfg.overwrite)
+    store.check_output_path(out, cfg.overwrite, warn=reporter.warn)
     device = resolve_device(cfg.device)
     compression = cfg.compression or str(src.attrs.get("compression", "gzip"))
     key = to_dict(cfg)
@@ -225,7 +224,7 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
                compression=compression)
     chash = store.config_hash(key)
 
-    f = store.open_partial_for_resume(out, chash, required_group="normalization")
+    f = store.open_partial_for_resume(out, chash, required_group="normalization", warn=reporter.warn)
     resumed = 0
     if f is not None:
         state = StainState.from_dict(json.loads(f["normalization"].attrs["state_json"]))
@@ -236,7 +235,10 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
         ref_rgb, reference = _load_reference(cfg, src)
         state = fit_stain_state(ref_rgb, hist_match=cfg.hist_match, macenko=cfg.macenko,
                                 io=cfg.io, alpha=cfg.alpha, beta=cfg.beta)
-        f = _create_output(src, out, cfg, chash, state.to_dict(), reference, compression)
+        try:
+            f = _create_output(src, out, cfg, chash, state.to_dict(), reference, compression)
+        except OSError as exc:
+            raise resource_error(exc, store.partial_path(out)) or exc
     n = len(src)
     flagged = 0
     try:
@@ -269,6 +271,11 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
         reporter.finish()
         flagged = int((~ok_ds[...]).sum())
         store.finalize(f, out)
+    except OSError as exc:
+        mapped = resource_error(exc, store.partial_path(out))
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
         if f.id.valid:
             f.close()

@@ -1,6 +1,7 @@
 """``prepare``: tile a raw dataset into an HDF5 patch store (resumable, atomic)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import numpy as np
 from uts_cli.config import PrepareConfig, to_dict, to_json
 from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS
 from uts_cli.datasets.base import SourceImage
-from uts_cli.errors import InputDataError, UsageError
+from uts_cli.errors import InputDataError, UsageError, resource_error
 from uts_cli.io import store
 from uts_cli.reporting import NullReporter, Reporter
 from uts_cli.tiling import assign_points, extract_tile, tile_grid
@@ -38,6 +39,18 @@ class PrepareResult:
     resumed_images: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _disk_full_names(path: Path):
+    """Turn a write that fails for lack of space into a ResourceError naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        mapped = resource_error(exc, path)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def default_output(dataset: str, patch_size: int) -> Path:
@@ -204,7 +217,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter | None = None) -> PrepareResu
     for warning in listing.warnings:
         reporter.warn(warning)
     out = Path(cfg.output) if cfg.output else default_output(listing.name, cfg.patch_size)
-    store.check_output_path(out, cfg.overwrite)
+    store.check_output_path(out, cfg.overwrite, warn=reporter.warn)
 
     has_truth = any(im.truth_yx is not None for im in images)
     image_rows = [_image_row(im) for im in images]
@@ -212,37 +225,40 @@ def prepare(cfg: PrepareConfig, reporter: Reporter | None = None) -> PrepareResu
     store_cfg.update(root=str(listing.root), output=None, overwrite=None, dataset=listing.name,
                      images=[[r["id"], r["split"], list(r["shape"])] for r in image_rows])
     chash = store.config_hash(store_cfg)
-    f = store.open_partial_for_resume(out, chash)
-    resumed = 0
-    if f is None:
-        f = store.create_partial(out, attrs={"config_json": to_json(cfg), "config_hash": chash,
-                                             "dataset": listing.name, "source_root": str(listing.root)},
-                                 patch_size=cfg.patch_size, compression=cfg.compression, has_truth=has_truth)
-        store.write_images_table(f, image_rows)
-    else:
-        resumed = int(f["images/done"][...].sum())
-        reporter.log(f"resuming {store.partial_path(out)}: {resumed}/{len(images)} images already done")
-    try:
-        done = f["images/done"][...]
-        reporter.start(f"prepare {listing.name}", len(images))
-        reporter.advance(resumed)
-        for i, image in enumerate(images):
-            if done[i]:
-                continue
-            min_tissue = cfg.min_tissue
-            if min_tissue is None:
-                min_tissue = WSI_DEFAULT_MIN_TISSUE if image.whole_slide else 0.0
-            tile = _prepare_slide if image.whole_slide else _prepare_field
-            _, n_skipped = tile(f, i, image, cfg.patch_size, min_tissue)
-            f["images/n_skipped"][i] = n_skipped
-            store.commit_image(f, i, _file_sha256(Path(image.path)))
-            reporter.advance(1)
-        reporter.finish()
-        skipped = int(f["images/n_skipped"][...].sum())
-        store.finalize(f, out)
-    finally:
-        if f.id.valid:
-            f.close()
+    part = store.partial_path(out)
+    with _disk_full_names(part):
+        f = store.open_partial_for_resume(out, chash, warn=reporter.warn)
+        resumed = 0
+        if f is None:
+            f = store.create_partial(out, attrs={"config_json": to_json(cfg), "config_hash": chash,
+                                                 "dataset": listing.name, "source_root": str(listing.root)},
+                                     patch_size=cfg.patch_size, compression=cfg.compression,
+                                     has_truth=has_truth)
+            store.write_images_table(f, image_rows)
+        else:
+            resumed = int(f["images/done"][...].sum())
+            reporter.log(f"resuming {part}: {resumed}/{len(images)} images already done")
+        try:
+            done = f["images/done"][...]
+            reporter.start(f"prepare {listing.name}", len(images))
+            reporter.advance(resumed)
+            for i, image in enumerate(images):
+                if done[i]:
+                    continue
+                min_tissue = cfg.min_tissue
+                if min_tissue is None:
+                    min_tissue = WSI_DEFAULT_MIN_TISSUE if image.whole_slide else 0.0
+                tile = _prepare_slide if image.whole_slide else _prepare_field
+                _, n_skipped = tile(f, i, image, cfg.patch_size, min_tissue)
+                f["images/n_skipped"][i] = n_skipped
+                store.commit_image(f, i, _file_sha256(Path(image.path)))
+                reporter.advance(1)
+            reporter.finish()
+            skipped = int(f["images/n_skipped"][...].sum())
+            store.finalize(f, out)
+        finally:
+            if f.id.valid:
+                f.close()
     ps = store.PatchStore(out)
     pidx, _, kinds = ps.all_points()
     return PrepareResult(

@@ -13,6 +13,7 @@ import numpy as np
 
 from uts_cli.config import SCHEMA_VERSION, TeachConfig, check_schema_version, to_dict
 from uts_cli.errors import InputDataError, UsageError
+from uts_cli.io.rundir import RunLogReporter, check_run_name, collect_env, resolve_run
 from uts_cli.io.store import PatchStore
 from uts_cli.reporting import NullReporter, Reporter
 
@@ -37,19 +38,6 @@ class TeachResult:
     samples_per_s: float | None
     seconds: float
     history: list[dict] = field(default_factory=list)
-
-
-def resolve_run(name_or_path: str | Path, runs_dir: Path) -> Path:
-    """A run given by name lives in ``runs_dir``; a path (with a separator) is taken as is."""
-    text = str(name_or_path)
-    if "/" in text or Path(text).is_absolute():
-        return Path(text)
-    return Path(runs_dir) / text
-
-
-def _check_name(name: str) -> None:
-    if not name or name.startswith(".") or any(c in name for c in "/\\ \t\n"):
-        raise UsageError(f"invalid run name {name!r}", hint="use letters, digits, '-', '_' or '.'")
 
 
 def median_pixel_size(store: PatchStore) -> float | None:
@@ -81,7 +69,7 @@ def choose_pixel_threshold(model, store: PatchStore, indices: np.ndarray, device
 
 def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indices: np.ndarray | None = None,
               val_indices: np.ndarray | None = None, labels: np.ndarray | None = None,
-              extra_config: dict | None = None, command: str = "teach") -> TeachResult:
+              extra_config: dict | None = None, command: str = "teach", prepared: bool = False) -> TeachResult:
     """Train one CAM network into ``cfg.runs_dir / cfg.name`` and record what later commands need.
 
     Args:
@@ -92,6 +80,8 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
         labels: per-store-patch labels replacing the annotations (pseudo-labels).
         extra_config: more sections for ``config.json`` (distill records its teacher here).
         command: the command name recorded in ``config.json``.
+        prepared: the caller created the run folder already (distill writes its files there
+            first); a fresh run then trains into it instead of creating it.
 
     Returns:
         Summary of the run.
@@ -116,7 +106,7 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     t0 = time.monotonic()
     # Recorded absolute, so `eval` and `distill` find the store from any working directory.
     cfg = dataclasses.replace(cfg, store=Path(cfg.store).resolve())
-    _check_name(cfg.name)
+    check_run_name(cfg.name)
     cfg.validate()
     store = PatchStore(cfg.store)
     if cfg.use_truth and not store.has_truth:
@@ -140,8 +130,13 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     if cfg.resume:
         run.open_existing()
         check_schema_version(run.read_config(), run.config_path)
-    else:
+    elif not prepared:
         run.create(overwrite=cfg.overwrite)
+    # Every run records what it ran on and keeps a plain-text log of what it reported.
+    run.write_env(collect_env(device))
+    reporter = RunLogReporter(reporter, run)
+    reporter.log(f"{command} {'resumed' if cfg.resume else 'started'}: run {run.path}, store {cfg.store}, "
+                 f"device {device}")
     model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
                    input_norm=cfg.input_norm)
     if not cfg.resume:

@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from uts_cli.errors import UtsError
+from uts_cli.errors import Interrupted, UtsError, resource_error
 
 log = logging.getLogger("uts")
 
@@ -158,11 +158,22 @@ def _report_error(command: str, exc: UtsError, as_json: bool) -> None:
                              "exit_code": exc.exit_code}})
 
 
+# What continues an interrupted command: training commands need --resume, the store writers
+# pick up their partial output by themselves.
+INTERRUPT_HINTS = {
+    "teach": "rerun the same command with --resume to continue",
+    "distill": "rerun the same command with --resume to continue",
+    "prepare": "rerun the same command to resume",
+    "normalize": "rerun the same command to resume",
+}
+
+
 def cli_errors(command: str) -> Callable:
     """Decorator for commands: UtsError -> message + hint on stderr (JSON on stdout) + exit code.
 
-    Ctrl-C becomes exit 130; any other exception is a bug: exit 1 with a one-line message, and the
-    traceback only with ``--debug`` or ``UTS_DEBUG=1``.
+    Ctrl-C becomes exit 130 (the hint says how to continue); a full disk and an accelerator out
+    of memory become resource errors (exit 4); any other exception is a bug: exit 1 with a
+    one-line message, and the traceback only with ``--debug`` or ``UTS_DEBUG=1``.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -178,12 +189,15 @@ def cli_errors(command: str) -> Callable:
                 _report_error(command, exc, as_json)
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt:
-                from uts_cli.errors import Interrupted
-
-                _report_error(command, Interrupted("interrupted", hint="rerun the same command to resume"),
-                              as_json)
+                hint = INTERRUPT_HINTS.get(command, "rerun the same command")
+                _report_error(command, Interrupted("interrupted", hint=hint), as_json)
                 raise typer.Exit(130) from None
-            except Exception as exc:  # a bug: keep the shell output short unless debugging
+            except Exception as exc:
+                mapped = resource_error(exc)
+                if mapped is not None:
+                    _report_error(command, mapped, as_json)
+                    raise typer.Exit(mapped.exit_code) from None
+                # Anything else is a bug: keep the shell output short unless debugging.
                 if STATE.debug or os.environ.get("UTS_DEBUG") == "1":
                     raise
                 from uts_cli.errors import UtsError as _E

@@ -75,7 +75,8 @@ def distill_cmd(
             ("filter", result.criterion + (" (pseudo-labels)" if result.pseudolabel else "")),
             ("train patches kept", f"{result.n_train_kept} of {result.n_train_before}"),
             ("val patches kept", f"{result.n_val_kept} of {result.n_val_before}"),
-            ("flagged by reason", reasons), ("review", f"{result.removed_csv}, {result.removed_geojson}/")]
+            ("flagged by reason", reasons), ("review", f"{result.removed_csv}, {result.removed_geojson}/"),
+            ("teacher scores", "reused (--resume)" if result.reused_scores else "computed")]
     if result.removed_true_lookalikes is not None:
         rows.append(("removed positives (clean truth)",
                      f"{result.removed_true_lookalikes} look-alike only, {result.removed_true_mitoses} real"))

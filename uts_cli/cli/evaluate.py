@@ -55,7 +55,7 @@ def eval_cmd(
 ) -> None:
     """Score a run's detections against the points of a split (patch and region level)."""
     from uts_cli.api.evaluate import evaluate
-    from uts_cli.api.teach import resolve_run
+    from uts_cli.io.rundir import resolve_run
     from uts_cli.config import EvalConfig
     cfg = EvalConfig(run=resolve_run(run, runs_dir), store=store, split=split.value, matching=matching.value,
                      radius_px=radius_px, radius_um=radius_um, threshold=threshold, truth=truth.value,

@@ -8,6 +8,7 @@ import typer
 
 from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, StoreArg
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
+from uts_cli.cli.prepare import Compression
 
 EXAMPLES = """Examples:
 
@@ -35,6 +36,9 @@ def normalize_cmd(
     alpha: Annotated[float, typer.Option("--alpha", help="Macenko angle percentile alpha.")] = 1.0,
     beta: Annotated[float, typer.Option("--beta", help="Macenko optical-density threshold beta.")] = 0.15,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Patches per batch.")] = 16,
+    compression: Annotated[Optional[Compression], typer.Option(
+        "--compression", help="Compression of the output pixels (default: the input store's).",
+        show_default=False)] = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
@@ -42,13 +46,10 @@ def normalize_cmd(
     """Stain-normalize a patch store into a new store (the input is left unchanged)."""
     from uts_cli.api.normalize import normalize
     from uts_cli.config import NormalizeConfig
-    from uts_cli.errors import UsageError
-
-    if reference is not None and reference_id is not None:
-        raise UsageError("--reference and --reference-id exclude each other", hint="give one of them")
     cfg = NormalizeConfig(store=store, output=output, reference=reference, reference_image_id=reference_id,
                           hist_match=hist_match, macenko=macenko, io=io, alpha=alpha, beta=beta,
-                          batch_size=batch_size, device=device, overwrite=overwrite)
+                          batch_size=batch_size, device=device, overwrite=overwrite,
+                          compression=None if compression is None else compression.value)
     result = normalize(cfg, CliReporter())
     if json_output:
         from dataclasses import asdict

@@ -41,16 +41,20 @@ def prepare_cmd(
     min_tissue: Annotated[Optional[float], typer.Option(
         "--min-tissue", min=0.0, max=1.0,
         help="Skip patches with a smaller tissue fraction (default 0 for fields, 0.2 for whole slides).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="synthetic: generator seed.")] = 0,
-    min_confidence: Annotated[float, typer.Option(
-        "--min-confidence", help="MITOS14: mitoses below this annotator confidence become hard negatives.")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="synthetic only: generator seed (default 0).", show_default=False)] = None,
+    min_confidence: Annotated[Optional[float], typer.Option(
+        "--min-confidence", help="MITOS14 only: mitoses below this annotator confidence become hard "
+                                 "negatives (default 0).", show_default=False)] = None,
     include_unlabelled: Annotated[bool, typer.Option(
-        "--include-unlabelled", help="MIDOG21: also tile the images that carry no labels (as test).")] = False,
+        "--include-unlabelled", help="MIDOG21 only: also tile the images that carry no labels (as test).")] = False,
     annotations: Annotated[Optional[Path], typer.Option(
-        "--annotations", help="Annotation file: folder CSV, MIDOG21 JSON or CCMCT JSON (default: inside ROOT).",
+        "--annotations", help="folder, MIDOG21, CCMCT only: annotation file (folder CSV, MIDOG21 JSON or "
+                              "CCMCT JSON; default: inside ROOT).",
         exists=True, dir_okay=False)] = None,
     labels: Annotated[Optional[Path], typer.Option(
-        "--labels", help="TUPAC16: folder holding mitoses_ground_truth/ (e.g. the alternative labels; default ROOT).",
+        "--labels", help="TUPAC16 only: folder holding mitoses_ground_truth/ (e.g. the alternative labels; "
+                         "default ROOT).",
         exists=True, file_okay=False)] = None,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
@@ -59,17 +63,11 @@ def prepare_cmd(
     from uts_cli.api.prepare import prepare
     from uts_cli.config import PrepareConfig
 
-    options: dict = {}
-    if dataset is Dataset.synthetic:
-        options["seed"] = seed
-    elif dataset is Dataset.MITOS14:
-        options["min_confidence"] = min_confidence
-    elif dataset is Dataset.MIDOG21:
-        options["include_unlabelled"] = include_unlabelled
-    elif dataset is Dataset.TUPAC16 and labels is not None:
-        options["labels"] = str(labels)
-    if annotations is not None and dataset in (Dataset.folder, Dataset.MIDOG21, Dataset.CCMCT):
-        options["annotations"] = str(annotations)
+    # Only what was given goes to the library, which refuses options the dataset does not take.
+    given = {"seed": seed, "min_confidence": min_confidence, "include_unlabelled": include_unlabelled or None,
+             "annotations": None if annotations is None else str(annotations),
+             "labels": None if labels is None else str(labels)}
+    options = {k: v for k, v in given.items() if v is not None}
     cfg = PrepareConfig(dataset=dataset.value, root=root, output=output, patch_size=patch_size,
                         compression=compression.value, splits_file=splits, min_tissue=min_tissue,
                         overwrite=overwrite, dataset_options=options)

@@ -24,6 +24,42 @@ _MODULES = {
     "synthetic": "uts_cli.datasets.synthetic",
 }
 
+# The reader options ``uts prepare`` exposes, and the datasets whose reader takes each one. An
+# option given for any other dataset is refused rather than silently dropped; a test keeps this
+# table in step with the readers' signatures.
+DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
+    "seed": ("synthetic",),
+    "min_confidence": ("MITOS14",),
+    "include_unlabelled": ("MIDOG21",),
+    "labels": ("TUPAC16",),
+    "annotations": ("folder", "MIDOG21", "CCMCT"),
+}
+
+
+def option_flag(option: str) -> str:
+    """The command-line spelling of a reader option (``min_confidence`` -> ``--min-confidence``)."""
+    return "--" + option.replace("_", "-")
+
+
+def check_dataset_options(name: str, options: dict[str, object]) -> None:
+    """Refuse reader options that the dataset ``name`` does not take.
+
+    Args:
+        name: a dataset name (any case).
+        options: the reader options that were given (``None`` values count as not given).
+
+    Raises:
+        UsageError: an option of ``DATASET_OPTIONS`` given for a dataset that does not take it;
+            the hint names the datasets that do.
+    """
+    canonical = canonical_name(name)
+    for option in sorted(k for k, v in options.items() if v is not None):
+        takers = DATASET_OPTIONS.get(option)
+        if takers is not None and canonical not in takers:
+            raise UsageError(f"{option_flag(option)} does not apply to dataset {canonical}",
+                             hint=f"{option_flag(option)} is taken by: {', '.join(takers)}; "
+                                  f"leave it out for {canonical}")
+
 
 def canonical_name(name: str) -> str:
     """The spelling in ``DATASET_NAMES`` of a case-insensitive dataset name.
@@ -53,7 +89,7 @@ def discover(
         splits: optional ``case,split`` CSV applied after the reader's own rules (and after
             ``<root>/splits.csv``); an unknown case in it is an error.
         **options: reader options, e.g. ``annotations=``, ``labels=``, ``min_confidence=``,
-            ``include_unlabelled=``.
+            ``include_unlabelled=``; ``None`` means not given.
 
     Returns:
         The dataset listing.
@@ -63,6 +99,8 @@ def discover(
         InputDataError: as raised by the reader (missing/malformed data).
     """
     canonical = canonical_name(name)
+    check_dataset_options(canonical, options)
+    options = {k: v for k, v in options.items() if v is not None}
     module = importlib.import_module(_MODULES[canonical])
     reader = module.discover
     _check_options(canonical, reader, options)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from uts_cli.choices import CHECKPOINT_NAMES
-from uts_cli.errors import InputDataError, UsageError
+from uts_cli.errors import InputDataError, UsageError, resource_error
 from uts_cli.io.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 HISTORY_FIELDS = (
@@ -33,6 +33,107 @@ HISTORY_FIELDS = (
 # Entries a run directory may hold; --overwrite deletes a folder only if it looks like a run.
 RUN_ENTRIES = {"config.json", "env.json", "history.csv", "history.png", "metrics.json", "log.txt",
                "checkpoints", "distill", "eval", "predictions", "plots"}
+
+
+def resolve_run(name_or_path: str | os.PathLike, runs_dir: str | os.PathLike) -> Path:
+    """Where a run lives: a name is a folder of ``runs_dir``; a path (with a separator) is taken as is."""
+    text = str(name_or_path)
+    if "/" in text or os.sep in text or Path(text).is_absolute():
+        return Path(text)
+    return Path(runs_dir) / text
+
+
+def check_run_name(name: str) -> None:
+    """Refuse a run name that is not a single plain folder name.
+
+    Raises:
+        UsageError: empty, hidden, or holding a path separator or white space.
+    """
+    if not name or name.startswith(".") or any(c in name for c in "/\\ \t\n"):
+        raise UsageError(f"invalid run name {name!r}", hint="use letters, digits, '-', '_' or '.'")
+
+
+def collect_env(device: Any = None) -> dict:
+    """The software and hardware a run ran on, for ``env.json`` (imports torch).
+
+    Args:
+        device: the resolved ``torch.device`` (its GPU is named when it is a CUDA device).
+    """
+    import platform
+    import socket
+
+    import torch
+
+    def version(module: str) -> str | None:
+        try:
+            from importlib.metadata import version as _v
+
+            return _v(module)
+        except Exception:  # not installed
+            return None
+
+    from uts_cli import __version__
+
+    cuda = torch.cuda.is_available()
+    gpu = None
+    if cuda and (device is None or getattr(device, "type", "") == "cuda"):
+        index = getattr(device, "index", None)
+        gpu = torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())
+    return {
+        "uts": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "torchstain": version("torchstain"),
+        "cuda": torch.version.cuda,
+        "cuda_available": cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpu": gpu,
+        "device": None if device is None else str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "recorded_at": _now(),
+    }
+
+
+class RunLogReporter:
+    """A reporter that also writes what the run reports at INFO into the run's ``log.txt``.
+
+    Lines (``log``), warnings and the end of each progress phase go to the file; per-step
+    progress does not. Everything is forwarded to ``inner`` unchanged.
+    """
+
+    def __init__(self, inner: Any, run: "RunDir"):
+        self.inner = inner
+        self.run = run
+        self._phase: tuple[str, int | None, int] | None = None
+
+    def start(self, description: str, total: int | None) -> None:
+        self._phase = (description, total, 0)
+        self.inner.start(description, total)
+
+    def advance(self, n: int = 1, **metrics: float) -> None:
+        if self._phase is not None:
+            desc, total, done = self._phase
+            self._phase = (desc, total, done + n)
+        self.inner.advance(n, **metrics)
+
+    def finish(self) -> None:
+        if self._phase is not None:
+            desc, total, done = self._phase
+            self.run.log(f"{desc}: {done}/{total}" if total else f"{desc}: {done}")
+            self._phase = None
+        self.inner.finish()
+
+    def log(self, message: str) -> None:
+        self.run.log(message)
+        self.inner.log(message)
+
+    def warn(self, message: str) -> None:
+        self.run.log(f"WARNING: {message}")
+        self.inner.warn(message)
 
 
 def _now() -> str:
@@ -87,7 +188,7 @@ class RunDir:
     def checkpoint_path(self, name: str) -> Path:
         """Path of checkpoint ``name`` (``"last"`` or ``"best"``)."""
         if name not in CHECKPOINT_NAMES:
-            raise ValueError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {name!r}")
+            raise UsageError(f"unknown checkpoint {name!r}", hint=f"use one of {', '.join(CHECKPOINT_NAMES)}")
         return self.checkpoint_dir / f"{name}.pt"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -112,15 +213,16 @@ class RunDir:
                 directory, or ``overwrite`` would delete a folder that is not a uts run.
         """
         if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"run directory path is a file: {self.path}", hint="choose another --run-dir")
+            raise UsageError(f"run directory path is a file: {self.path}",
+                             hint="choose another --name or --runs-dir")
         if self._is_nonempty_dir():
             if not overwrite:
                 raise UsageError(f"run directory exists and is not empty: {self.path}",
                                  hint="pass --resume to continue it, --overwrite to replace it, "
-                                      "or choose another --run-dir")
+                                      "or choose another --name")
             if not self._looks_like_run():
                 raise UsageError(f"refusing to overwrite {self.path}: it does not look like a uts run "
-                                 "directory", hint="choose an empty or new --run-dir")
+                                 "directory", hint="choose another --name or --runs-dir")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         return self
@@ -200,9 +302,12 @@ class RunDir:
     # -- log ---------------------------------------------------------------------------------
     def log(self, message: str) -> None:
         """Append a timestamped plain-text line to ``log.txt``."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(f"{_now()} {message}\n")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(f"{_now()} {message}\n")
+        except OSError as exc:
+            raise resource_error(exc, self.log_path) or exc
 
     # -- checkpoints -------------------------------------------------------------------------
     def has_checkpoint(self, name: str) -> bool:

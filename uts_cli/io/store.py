@@ -18,7 +18,7 @@ import os
 import uuid as _uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import h5py
 import numpy as np
@@ -257,16 +257,23 @@ def finalize(f: h5py.File, path: Path) -> None:
     os.replace(partial_path(path), path)
 
 
-def open_partial_for_resume(path: Path, expected_hash: str, required_group: str = "images") -> h5py.File | None:
+def open_partial_for_resume(path: Path, expected_hash: str, required_group: str = "images",
+                            warn: Callable[[str], None] | None = None) -> h5py.File | None:
     """Reopen ``<path>.partial`` for appending if it was made with the same configuration.
 
     ``required_group`` is a group the writer creates first (``normalization`` for ``normalize``);
     a partial file without it never got past its creation.
 
+    Args:
+        path: the final store path.
+        expected_hash: ``config_hash`` of the current settings.
+        required_group: see above.
+        warn: told (one line) when an existing partial file is discarded, and why.
+
     Returns:
         The open file, trimmed to its last committed unit, or None when there is no usable partial
         file (absent, unreadable after a hard kill, or made with other settings); an unusable one
-        is deleted so the caller starts afresh.
+        is deleted, after a warning, so the caller starts afresh.
     """
     part = partial_path(path)
     if not part.exists():
@@ -274,30 +281,98 @@ def open_partial_for_resume(path: Path, expected_hash: str, required_group: str 
     try:
         f = h5py.File(part, "r+")
     except OSError:
-        part.unlink()
+        _discard_partial(part, "it is unreadable (a write was cut short)", warn)
         return None
+    reason = "it was made with other settings"
     try:
-        ok = (f.attrs.get("format") == FORMAT and f.attrs.get("config_hash") == expected_hash
-              and required_group in f)
-        if ok:
+        if f.attrs.get("format") != FORMAT or required_group not in f:
+            reason = "it is not a usable partial store"
+        elif f.attrs.get("config_hash") == expected_hash:
             trim_to_committed(f)
             return f
     except (OSError, KeyError, ValueError):
-        pass
+        reason = "it is damaged"
     f.close()
-    part.unlink()
+    _discard_partial(part, reason, warn)
     return None
 
 
-def check_output_path(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing store unless ``overwrite``; clear stale partial files then."""
+def _discard_partial(part: Path, reason: str, warn: Callable[[str], None] | None) -> None:
+    # Announced, never silent: the user may have meant to resume it.
+    if warn is not None:
+        warn(f"discarding the unfinished {part}: {reason}; starting afresh")
+    part.unlink()
+
+
+def check_output_path(path: Path, overwrite: bool, warn: Callable[[str], None] | None = None) -> None:
+    """Refuse to replace an existing store unless ``overwrite``; then discard a stale partial file.
+
+    Args:
+        path: the final store path.
+        overwrite: replace an existing store (and discard an unfinished one).
+        warn: told (one line) when an unfinished partial store is discarded.
+
+    Raises:
+        UsageError: ``path`` exists and ``overwrite`` is off, or ``path`` is a directory.
+    """
+    if path.is_dir():
+        raise UsageError(f"output store path is a directory: {path}", hint="give a file name with --output")
     if path.exists() and not overwrite:
         raise UsageError(f"output store exists: {path}",
                          hint="pass --overwrite to replace it, or choose another --output")
     if overwrite:
         part = partial_path(path)
         if part.exists():
-            part.unlink()
+            _discard_partial(part, "--overwrite was given", warn)
+
+
+def create_derived_partial(src: "PatchStore", path: Path, *, compression: str, attrs: dict[str, Any],
+                           normalization: dict[str, Any]) -> h5py.File:
+    """Create the ``.partial`` of a store derived from ``src`` with new pixels (``normalize``).
+
+    Everything but ``/patches/rgb`` is copied from ``src``; ``rgb`` is created empty (same shape)
+    with ``compression``, and a ``/normalization`` group with a per-patch ``ok`` flag is added.
+    The new store gets its own ``uuid``, ``parent_uuid = src.uuid``, ``complete = False`` and
+    ``n_done = 0`` (the committed patch count, the resume unit).
+
+    Args:
+        src: the complete input store.
+        path: the final output path; the file created is ``partial_path(path)``.
+        compression: one of ``COMPRESSIONS``.
+        attrs: further root attributes (``stain``, ``config_hash``, the command's config ...).
+        normalization: attributes of the ``/normalization`` group.
+
+    Returns:
+        The open ``h5py.File`` (mode ``w``).
+    """
+    kwargs = _compression_kwargs(compression)
+    part = partial_path(path)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    f = h5py.File(part, "w")
+    try:
+        with h5py.File(src.path, "r") as s:
+            f.attrs.update(dict(s.attrs))
+            for group in ("images", *POINT_GROUPS):
+                if group in s:
+                    s.copy(s[group], f, name=group)
+            p = f.create_group("patches")
+            for name, ds in s["patches"].items():
+                if name != "rgb":
+                    s.copy(ds, p, name=name)
+        n, ps = len(src), src.patch_size
+        p.create_dataset("rgb", shape=(n, ps, ps, 3), dtype=np.uint8, chunks=rgb_chunks(ps), **kwargs)
+        f.attrs.update({"uuid": _uuid.uuid4().hex, "parent_uuid": src.uuid, "created_at": _utc_now(),
+                        "uts_version": _uts_version(), "complete": False, "compression": compression,
+                        "n_done": 0})
+        f.attrs.update(attrs)
+        g = f.create_group("normalization")
+        g.create_dataset("ok", shape=(n,), dtype=bool)
+        g.attrs.update(normalization)
+        f.flush()
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Which exceptions stand for a full disk or an exhausted accelerator, and what the user is told."""
+import errno
+import os
+
+import pytest
+
+from uts_cli.errors import ResourceError, is_disk_full, is_out_of_memory, resource_error
+
+
+@pytest.mark.parametrize("exc", [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/o.h5.partial"),
+    OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)),
+    # h5py's form: no errno, the C library's text inside HDF5's message
+    OSError("Can't write data (file write failed: time = ..., errno = 28, error message = "
+            "'No space left on device', buf = ..., total write size = 65536)"),
+])
+def test_disk_full_forms_are_recognised(exc):
+    assert is_disk_full(exc)
+    mapped = resource_error(exc, "/data/o.h5.partial")
+    assert isinstance(mapped, ResourceError) and mapped.exit_code == 4
+    assert "/data/o.h5.partial" in mapped.message and "free space" in mapped.hint
+
+
+def test_filename_of_the_exception_names_the_place_when_no_path_is_given():
+    exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/t/history.csv")
+    assert "/runs/t/history.csv" in resource_error(exc).message
+
+
+def test_out_of_memory_forms_and_non_matches():
+    import torch
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    mapped = resource_error(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert mapped.exit_code == 4 and "--batch-size" in mapped.hint
+    for other in (OSError(errno.EACCES, "Permission denied"), RuntimeError("shape mismatch"), ValueError("x")):
+        assert resource_error(other) is None
