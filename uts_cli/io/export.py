@@ -273,8 +273,8 @@ def write_detections_csv(path: str | os.PathLike, yx: Any, scores: Any,
     for (y, x), s in zip(yx, scores):
         row = {"x": _num(x, 3), "y": _num(y, 3), "score": _num(s, 6)}
         if pixel_size_um is not None:
-            row["x_um"] = _num(x * pixel_size_um, 3)
-            row["y_um"] = _num(y * pixel_size_um, 3)
+            row["x_um"] = _num(x * pixel_size_um, 4)
+            row["y_um"] = _num(y * pixel_size_um, 4)
         rows.append(row)
     write_points_csv(path, rows, fieldnames=fields)
     return Path(path)
