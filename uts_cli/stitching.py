@@ -145,3 +145,31 @@ def stitch_owned(plan: TilePlan, tiles: dict[tuple[int, int], np.ndarray]) -> np
         (ly, hy), (lx, hx) = plan.own_y[r], plan.own_x[c]
         out[ly:hy, lx:hx] = m[ly - y0:hy - y0, lx - x0:hx - x0]
     return out
+
+
+class LowresMax:
+    """Block-maximum of finished bands onto a low-resolution grid (a heatmap for the thumbnail).
+
+    Args:
+        shape: ``(h, w)`` of the low-resolution grid.
+        scale: low-resolution pixels per band pixel.
+    """
+
+    def __init__(self, shape: tuple[int, int], scale: float):
+        self.map = np.zeros(tuple(int(v) for v in shape), np.float32)
+        self.scale = float(scale)
+
+    def _groups(self, start: int, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.clip(np.floor((start + np.arange(n) + 0.5) * self.scale).astype(np.int64), 0, size - 1)
+        firsts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+        return idx[firsts], firsts
+
+    def add(self, y0: int, band: np.ndarray) -> None:
+        """Fold the rows ``y0 ..`` of ``band`` into the map (max over each low-resolution cell)."""
+        if band.size == 0 or self.map.size == 0:
+            return
+        rows, rstart = self._groups(y0, band.shape[0], self.map.shape[0])
+        cols, cstart = self._groups(0, band.shape[1], self.map.shape[1])
+        block = np.maximum.reduceat(np.maximum.reduceat(band, rstart, axis=0), cstart, axis=1)
+        cells = np.ix_(rows, cols)
+        self.map[cells] = np.maximum(self.map[cells], block)
