@@ -69,7 +69,9 @@ def _fit(layer: Any, hw: tuple[int, int], order: int, name: str) -> np.ndarray:
 
 
 def _blend_heatmap(img: np.ndarray, heatmap: Any, alpha: float) -> None:
-    heat = np.clip(np.nan_to_num(_fit(heatmap, img.shape[:2], 1, "heatmap").astype(np.float64)), 0.0, 1.0)
+    # NaN (no prediction, e.g. skipped background) counts as no heat; clean it before resizing.
+    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    heat = np.clip(_fit(heat, img.shape[:2], 1, "heatmap"), 0.0, 1.0)
     # Opacity grows with the value, so cold background keeps the slide visible underneath.
     weight = (float(alpha) * heat)[..., None]
     out = img.astype(np.float64) * (1.0 - weight) + heat_colors(heat) * weight
@@ -80,7 +82,8 @@ def _draw_outline(img: np.ndarray, mask: Any) -> None:
     from skimage.segmentation import find_boundaries
 
     mask = _fit(mask, img.shape[:2], 0, "tissue mask").astype(bool)
-    edge = find_boundaries(mask, mode="inner")
+    # Pad with background so tissue running off the image edge is outlined along that edge too.
+    edge = find_boundaries(np.pad(mask, 1), mode="inner")[1:-1, 1:-1]
     img[edge] = TISSUE_COLOR
 
 
