@@ -120,11 +120,15 @@ def _draw_markers(img: np.ndarray, yx: Any, scale: float, radius: int) -> None:
     centres = np.round(to_lowres(pts, scale)).astype(np.int64)
     h, w = img.shape[:2]
     r = max(1, int(radius))
-    for cy, cx in centres:
-        # Two concentric rings: one-pixel rings vanish when the PNG is viewed scaled down.
-        for rr in (r, r + 1):
-            rows, cols = circle_perimeter(int(cy), int(cx), rr, shape=(h, w))
-            img[rows, cols] = DETECTION_COLOR
+    # Two concentric rings (one-pixel rings vanish when the PNG is viewed scaled down); the ring
+    # offsets are computed once and added to every centre, as a slide can have many thousands.
+    rings = [circle_perimeter(0, 0, rr) for rr in (r, r + 1)]
+    dr = np.concatenate([rows for rows, _ in rings])
+    dc = np.concatenate([cols for _, cols in rings])
+    rows = (centres[:, :1] + dr[None]).ravel()
+    cols = (centres[:, 1:] + dc[None]).ravel()
+    keep = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    img[rows[keep], cols[keep]] = DETECTION_COLOR
 
 
 def render_thumbnail(rgb_lowres: Any, scale: float, *, yx: Any = None, tissue_mask: Any = None,
