@@ -53,6 +53,9 @@ def test_detection_markers_are_circles_at_scaled_positions():
     assert _is(out, (10, 20), GREY)  # the centre stays visible
     assert _is(out, (10, 28), GREY)
     assert np.array_equal(base, _slide())  # input untouched
+    # Every detection gets its circle.
+    many = render_thumbnail(base, SCALE, yx=np.array([[335.5, 655.5], [1615.5, 2575.5]]), marker_radius=4)
+    assert _is(many, (10, 24), DETECTION_COLOR) and _is(many, (50, 84), DETECTION_COLOR)
     # Markers at the border are clipped, not wrapped.
     edge = render_thumbnail(base, SCALE, yx=np.array([[0.0, 0.0]]))
     assert _is(edge, (0, 4), DETECTION_COLOR) and _is(edge, (63, 95), GREY)
