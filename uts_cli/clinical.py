@@ -35,8 +35,10 @@ class Hotspot:
         count: detections inside the window (half-open: top/left edges in, bottom/right out).
         area_mm2: area of the window actually used; smaller than requested when the image is
             smaller than the window on a side (the window is then clipped to the image).
-        height_px: window height actually used (``min(side_px, image height)``).
-        width_px: window width actually used (``min(side_px, image width)``).
+        height_px: window height actually used (``min(side_px, image height)``; defaults to
+            ``side_px``).
+        width_px: window width actually used (``min(side_px, image width)``; defaults to
+            ``side_px``).
     """
 
     y0: float
@@ -46,6 +48,12 @@ class Hotspot:
     area_mm2: float
     height_px: float = math.nan
     width_px: float = math.nan
+
+    def __post_init__(self) -> None:
+        # Built by hand without the used sides: the full square was used.
+        for name in ("height_px", "width_px"):
+            if not math.isfinite(getattr(self, name)):
+                object.__setattr__(self, name, float(self.side_px))
 
     @property
     def density_per_mm2(self) -> float:

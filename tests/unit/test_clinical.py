@@ -194,3 +194,9 @@ def test_clinical_summary_unknowns():
     empty = clinical_summary(np.zeros((0, 2)), (100, 100), 0.25, tissue_area_px=1.6e7)
     assert empty.count == 0 and empty.density_per_mm2 == 0.0 and empty.hotspot is None
     assert empty.to_dict() == {"count": 0, "tissue_area_mm2": 1.0, "density_per_mm2": 0.0, "hotspot": None}
+
+
+def test_hotspot_built_by_hand_defaults_to_the_full_square():
+    hs = Hotspot(y0=1.0, x0=2.0, side_px=10.0, count=3, area_mm2=0.5)
+    assert (hs.height_px, hs.width_px) == (10.0, 10.0)
+    assert hs.to_dict()["density_per_mm2"] == 6.0
