@@ -158,7 +158,8 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
     radii = {}
     reporter.start(f"eval {cfg.split}", len(indices))
     for batch in predict_patches(model, store, indices, device, batch_size=cfg.batch_size, want_cam=True,
-                                 bn_adapt=cfg.bn_adapt, workers=cfg.workers):
+                                 bn_adapt=cfg.bn_adapt, workers=cfg.workers, cam_dtype=np.float32):
+        # float32 maps (one batch at a time): blobs then match predict's, pixel for pixel.
         cams = batch.cams.astype(np.float32)
         for k, cam in zip(batch.indices, cams):
             img = int(store.image_idx[k])

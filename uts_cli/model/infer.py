@@ -121,7 +121,7 @@ class TileDataset(Dataset):
         from PIL import Image
 
         # PIL widens its bilinear kernel when shrinking, so downsampling is antialiased.
-        return np.asarray(Image.fromarray(region).resize((p, p), Image.BILINEAR))
+        return np.array(Image.fromarray(region).resize((p, p), Image.BILINEAR))
 
     def __getitem__(self, i: int):
         return torch.from_numpy(np.ascontiguousarray(self.read_tile(i))), i
