@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -364,3 +365,71 @@ def test_tta_averages_flips(tiny, tmp_path):
     r = _predict([src], tiny, tmp_path / "o", "--mpp", "0.25", "--tta", "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["slides"][0]["summary"]["settings"]["tta"] is True
+
+
+@pytest.mark.slow
+def test_synthetic_dataset_predict_equals_eval_point_for_point(tmp_path):
+    """The built-in synthetic dataset: predict on its raw test TIFFs vs eval on its store (96 px
+    patches, so the last tile of each 512 px field is padded)."""
+    from uts_cli.api.evaluate import evaluate
+    from uts_cli.api.prepare import prepare
+    from uts_cli.api.teach import teach
+    from uts_cli.config import EvalConfig, PrepareConfig, TeachConfig
+    from uts_cli.io.store import PatchStore
+
+    store = tmp_path / "syn.h5"
+    prepare(PrepareConfig(dataset="synthetic", root=tmp_path / "syn", output=store, patch_size=96,
+                          compression="lzf", dataset_options={"n_cases": 5, "fields_per_case": 2,
+                                                              "val_cases": 1, "test_cases": 1}))
+    teach(TeachConfig(store=store, name="r", runs_dir=tmp_path / "runs", weights="none", n_blocks=2, epochs=1,
+                      steps_per_epoch=6, batch_size=8, lr=1e-3, workers=0, device="cpu"))
+    run = tmp_path / "runs" / "r"
+    ev = evaluate(EvalConfig(run=run, device="cpu", output=tmp_path / "ev"))
+    s = PatchStore(store)
+    test_imgs = [i for i in range(len(s.image_ids)) if s.image_split[i] == 2]
+    root = tmp_path / "syn"
+    paths = [next(c for c in (root / s.image_path[i], root / "images" / s.image_path[i]) if c.is_file())
+             for i in test_imgs]
+    out = tmp_path / "pred"
+    r = runner.invoke(app, ["predict", *map(str, paths), "--run", str(run), "-o", str(out), "--overlap", "0",
+                            "--all-tiles", "--json", *FAST], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["threshold"] == pytest.approx(ev.threshold)
+    rows = [m for m in _csv(tmp_path / "ev" / "matches.csv") if m["status"] in ("TP", "FP")]
+    names = dict(zip((s.image_ids[i] for i in test_imgs), json.loads(r.stdout)["slides"]))
+    total = 0
+    for image_id, slide in names.items():
+        ev_pts = np.array([[float(m["y"]), float(m["x"])] for m in rows if m["image"] == image_id]).reshape(-1, 2)
+        pr_pts = _points(Path(slide["output"]))
+        assert len(ev_pts) == len(pr_pts), image_id
+        if len(ev_pts):
+            d = np.linalg.norm(ev_pts[:, None] - pr_pts[None], axis=2)
+            assert d.min(axis=1).max() <= 2.0 and d.min(axis=0).max() <= 2.0
+        total += len(ev_pts)
+    print(f"\nsynthetic test fields: {total} detections compared, eval region {ev.region}")
+
+
+@pytest.mark.slow
+def test_30000px_mostly_background_slide_stays_under_2gb(tmp_path):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _common
+    from bench_predict import train_synthetic_run, write_synthetic_slide
+
+    run = train_synthetic_run(tmp_path, patch=256, n_blocks=1, stain_norm=False)
+    slide = tmp_path / "big.tif"
+    info = write_synthetic_slide(slide, 30_000, tissue=0.03)
+    child = _common.run_child([sys.executable, "-m", "uts_cli", "-q", "predict", str(slide), "--run", str(run),
+                               "-o", str(tmp_path / "out"), "--json", "--device", "cpu", "--workers", "2"])
+    s = child.json_tail()["slides"][0]["summary"]
+    figures = {"write": info, "seconds": s["seconds"], "peak_rss_mb": round(child.maxrss_mb),
+               "peak_tree_pss_mb": round(child.tree_pss_mb), "background_skipped": s["background_skipped"],
+               "tiles_run": s["tiles_run"], "tiles_total": s["tiles_total"], "peak_band_mb": s["peak_band_mb"],
+               "timings": s["timings"]}
+    print("\n30k slide:", json.dumps(figures))
+    assert (s["image_height"], s["image_width"]) == (30_000, 30_000) and s["levels"] >= 4
+    assert s["background_skipped"] > 0.8
+    assert child.maxrss_mb < 2048 and child.tree_pss_mb < 2048
