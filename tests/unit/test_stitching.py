@@ -102,3 +102,17 @@ def test_lowres_max_keeps_small_peaks():
     lm.add(50, np.full((50, 100), 0.1, np.float32))
     assert lm.map[4, 3] == pytest.approx(0.8)
     assert lm.map[7].max() == pytest.approx(0.1) and lm.map[:5].sum() == pytest.approx(0.8)
+
+
+def test_predict_modules_keep_the_layering():
+    """Tile plan, stitching, eval scoring and the predict CLI/API modules load without torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mods = ["uts_cli.tileplan", "uts_cli.stitching", "uts_cli.evaluation", "uts_cli.api.predict",
+            "uts_cli.cli.predict"]
+    code = "import sys\n" + "".join(f"import {m}\n" for m in mods) + "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
