@@ -107,7 +107,8 @@ def expand_inputs(items: list[str | os.PathLike]) -> list[Path]:
 def slide_names(paths: list[Path]) -> list[str]:
     """Output folder name per input: the file stem; stems shared by several inputs get a suffix
     from a hash of the absolute path (deterministic, so reruns find their folders)."""
-    stems = [p.stem if p.suffix.lower() not in (".gz",) else Path(p.stem).stem for p in paths]
+    # "slide.ome.tif" -> "slide": the OME infix is part of the format, not of the name.
+    stems = [p.stem[:-4] if p.stem.lower().endswith(".ome") else p.stem for p in paths]
     counts: dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
