@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +136,6 @@ class Timings:
     model: float = 0.0         # forward pass, CAM upsampling and sigmoid, copy to host
     post: float = 0.0          # stitching and blob detection
     tiles: int = 0
-    extra: dict = field(default_factory=dict)
 
     def add(self, other: "Timings") -> None:
         for k in ("read", "normalize", "model", "post", "tiles"):
