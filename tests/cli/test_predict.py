@@ -433,3 +433,39 @@ def test_30000px_mostly_background_slide_stays_under_2gb(tmp_path):
     assert (s["image_height"], s["image_width"]) == (30_000, 30_000) and s["levels"] >= 4
     assert s["background_skipped"] > 0.8
     assert child.maxrss_mb < 2048 and child.tree_pss_mb < 2048
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_kill_9_leave_no_complete_looking_slide(tiny, tmp_path):
+    """Real signals on a real process: SIGINT exits 130 and cleans up; SIGKILL leaves only the
+    hidden partial folder, which the rerun clears before finishing the slide."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    big = tmp_path / "big.png"
+    iio.imwrite(big, np.tile(iio.imread(next(iter(tiny["fields"].values()))), (12, 12, 1)))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "uts_cli", "predict", str(big), "--run", str(tiny["run"]), "-o", str(out),
+            "--mpp", "0.25", "--workers", "1", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    partial = out / ".big.partial"
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGKILL, -9)):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside the tile loop
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+        assert proc.returncode == code
+        assert not (out / "big").exists()
+        assert partial.exists() == (sig == signal.SIGKILL)
+    done = subprocess.run(argv + ["--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "big" / "summary.json").is_file() and not partial.exists()
