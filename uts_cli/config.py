@@ -290,3 +290,29 @@ class EvalConfig:
     batch_size: int = 32
     device: str = "auto"
     workers: int = 0
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """``uts predict``: detections, exports and a clinical summary for new fields and slides."""
+
+    inputs: tuple[Path, ...]            # image files (globs and folders already expanded)
+    run: Path
+    output: Path | None = None          # None: RUN/predictions
+    checkpoint: str = "best"
+    threshold: float | None = None      # None: the run's pixel threshold
+    mpp: float | None = None            # micrometres per input pixel; None: from the file
+    assume_run_mpp: bool = False        # unknown pixel size: take the run's instead of failing
+    overlap: int | None = None          # pixels between tiles; None: default_overlap(); 0: store grid
+    stain_norm: bool = True
+    formats: tuple[str, ...] = ("csv", "geojson", "midog")
+    heatmap: bool = False
+    tta: bool = False
+    hotspot_area_mm2: float = 2.37
+    skip_background: bool = True
+    min_area: int = 1
+    batch_size: int = 16
+    workers: int = 2
+    device: str = "auto"
+    amp: str = "auto"
+    overwrite: bool = False

@@ -2,17 +2,19 @@
 
 Region level is how the original reports its final numbers: the patch maps of a field are put back
 together, detections are found on the whole field (so a mitosis cut by a tile border is one blob,
-not two), and matched against every point of that field.
+not two), and matched against every point of that field. The putting together is banded (see
+:mod:`uts_cli.stitching`), so a whole-slide field is never held in memory at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from uts_cli.localize import Detections, detections_from_prob, stitch_region
+from uts_cli.localize import Detections, detections_from_prob
 from uts_cli.metrics import Counts, MatchResult, match
+from uts_cli.stitching import BandStitcher
 
 
 @dataclass
@@ -71,44 +73,64 @@ def match_rows(image_id: str, scored: Scored, offset=(0.0, 0.0), extra: dict | N
     return rows
 
 
-@dataclass
-class FieldMaps:
-    """Patch maps of one field, collected until the field is complete."""
-
-    image_idx: int
-    expected: int
-    tiles: list = field(default_factory=list)
+def score_detections(dets: Detections, truth_yx: np.ndarray, radius: float,
+                     matching: str = "one-to-one") -> Scored:
+    """Match detections found elsewhere (e.g. by the banded stitcher) to the true points."""
+    truth = np.asarray(truth_yx, np.float32).reshape(-1, 2)
+    return Scored(dets, truth, match(dets.yx, truth, radius, mode=matching))
 
 
-class FieldStitcher:
-    """Collect per-patch maps as they stream in and hand back whole fields when complete.
+class RegionStitcher:
+    """Region-level detections of store fields from per-patch maps, band by band.
 
-    Patches may arrive in any order; a field is released (and its memory freed) as soon as all of
-    its patches have been seen.
+    Patches may arrive in any order (in store order each field's bands complete one after
+    another, so only one band per open field is held). A field is released, with its detections
+    in field coordinates, as soon as all of its patches in ``patch_indices`` have been seen. This
+    is the machinery ``predict`` uses (:class:`uts_cli.stitching.BandStitcher` over the store grid,
+    overlap 0), so a whole-slide field never exists as one array.
+
+    Args:
+        image_idx_of_patch: store ``image_idx`` per patch.
+        origin: store ``origin`` ``(N, 2)`` per patch.
+        shapes: store ``image_shape`` per image.
+        patch_size: the store's patch side.
+        patch_indices: every patch that will be added (fields not fully covered by them, e.g.
+            whole slides with background tiles dropped, count missing tiles as 0).
+        threshold: pixel threshold.
+        min_area: smallest blob kept, pixels.
     """
 
-    def __init__(self, image_idx_of_patch: np.ndarray, origin: np.ndarray, expected_per_image: dict[int, int],
-                 shapes: np.ndarray):
-        self._image_of = image_idx_of_patch
-        self._origin = origin
-        self._shapes = shapes
-        self._open: dict[int, FieldMaps] = {}
-        self._expected = expected_per_image
+    def __init__(self, image_idx_of_patch: np.ndarray, origin: np.ndarray, shapes: np.ndarray, patch_size: int,
+                 patch_indices: np.ndarray, threshold: float, min_area: int = 1):
+        from uts_cli.tileplan import plan_tiles
 
-    def add(self, patch_indices: np.ndarray, maps: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """Add maps ``(B, P, P)`` of patches; yield ``(image_idx, field_map)`` for completed fields."""
+        self._image_of = np.asarray(image_idx_of_patch)
+        self._origin = np.asarray(origin)
+        self._p = int(patch_size)
+        self._stitchers: dict = {}
+        idx = np.asarray(patch_indices, np.int64)
+        for img in np.unique(self._image_of[idx]):
+            h, w = (int(v) for v in shapes[img][:2])
+            plan = plan_tiles(h, w, self._p, 0)
+            keep = np.zeros_like(plan.keep)
+            mine = idx[self._image_of[idx] == img]
+            keep[self._origin[mine, 0] // self._p, self._origin[mine, 1] // self._p] = True
+            self._stitchers[int(img)] = BandStitcher(plan.with_keep(keep), threshold, min_area=min_area)
+
+    def add(self, patch_indices: np.ndarray, maps: np.ndarray) -> Iterator[tuple[int, Detections]]:
+        """Add maps ``(B, P, P)``; yield ``(image_idx, detections)`` for each completed field."""
         for k, m in zip(patch_indices, maps):
             img = int(self._image_of[k])
-            fm = self._open.setdefault(img, FieldMaps(img, self._expected[img]))
-            fm.tiles.append((tuple(int(v) for v in self._origin[k]), np.asarray(m, np.float32)))
-            if len(fm.tiles) == fm.expected:
-                del self._open[img]
-                h, w = (int(v) for v in self._shapes[img][:2])
-                yield img, stitch_region(fm.tiles, (h, w))
+            st = self._stitchers[img]
+            y, x = (int(v) for v in self._origin[k])
+            st.add(y // self._p, x // self._p, np.asarray(m, np.float32))
+            if st.done:
+                del self._stitchers[img]
+                yield img, st.detections()
 
     @property
     def pending(self) -> int:
-        return len(self._open)
+        return len(self._stitchers)
 
 
 class ThresholdSweep:

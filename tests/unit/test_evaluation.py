@@ -1,6 +1,6 @@
 import numpy as np
 
-from uts_cli.evaluation import FieldStitcher, match_rows, score_map
+from uts_cli.evaluation import RegionStitcher, match_rows, score_detections, score_map
 
 
 def blob_map(shape, centres, r=4, value=0.9):
@@ -25,13 +25,15 @@ def test_blob_cut_by_tile_border_is_one_detection_at_region_level():
     # A blob centred on the border between two 64 px tiles: two detections per patch, one per field.
     field = blob_map((64, 128), [(32, 64)], r=6)
     origin = np.array([[0, 0], [0, 64]])
-    st = FieldStitcher(np.array([0, 0]), origin, {0: 2}, np.array([[64, 128, 3]]))
+    st = RegionStitcher(np.array([0, 0]), origin, np.array([[64, 128, 3]]), 64, np.array([0, 1]), 0.5)
     out = list(st.add(np.array([0]), field[None, :, :64]))
     assert out == [] and st.pending == 1
-    (img, stitched), = st.add(np.array([1]), field[None, :, 64:])
-    assert img == 0 and stitched.shape == (64, 128) and st.pending == 0
-    region = score_map(stitched, 0.5, np.array([[32, 64]]), radius=30)
+    (img, dets), = st.add(np.array([1]), field[None, :, 64:])
+    assert img == 0 and st.pending == 0
+    region = score_detections(dets, np.array([[32, 64]]), radius=30)
     assert (region.counts.tp, region.counts.fp) == (1, 0)
+    whole = score_map(field, 0.5, np.array([[32, 64]]), radius=30)
+    assert np.allclose(whole.detections.yx, dets.yx) and np.array_equal(whole.detections.area, dets.area)
     left = score_map(field[:, :64], 0.5, np.zeros((0, 2)), radius=30)
     right = score_map(field[:, 64:], 0.5, np.zeros((0, 2)), radius=30)
     assert len(left.detections) == 1 and len(right.detections) == 1

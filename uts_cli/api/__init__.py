@@ -14,6 +14,7 @@ _ENTRY_POINTS = {
     "distill": "uts_cli.api.distill",
     "evaluate": "uts_cli.api.evaluate",
     "demo": "uts_cli.api.demo",
+    "predict": "uts_cli.api.predict",
 }
 
 

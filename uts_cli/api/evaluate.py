@@ -51,7 +51,15 @@ def _radius_for(store: PatchStore, image_idx: int, cfg: EvalConfig) -> float:
     return cfg.radius_um / size
 
 
-def _draw_overlay(path: Path, rgb: np.ndarray, rows: list[dict], radius: float) -> None:
+# Overlays bigger than this are drawn downscaled (a whole-slide field at full size is tens of GB).
+OVERLAY_MAX_PIXELS = 64_000_000
+
+
+def _overlay_scale(h: int, w: int) -> float:
+    return min(1.0, (OVERLAY_MAX_PIXELS / max(h * w, 1)) ** 0.5)
+
+
+def _draw_overlay(path: Path, rgb: np.ndarray, rows: list[dict], radius: float, scale: float = 1.0) -> None:
     import imageio.v3 as iio
     from skimage.draw import circle_perimeter
 
@@ -59,20 +67,33 @@ def _draw_overlay(path: Path, rgb: np.ndarray, rows: list[dict], radius: float) 
     h, w = img.shape[:2]
     for r in rows:
         colour = OVERLAY_COLOURS[r["status"]]
+        cy, cx = int(round(r["y"] * scale)), int(round(r["x"] * scale))
         for dr in (0, 1, 2):  # a 3 px ring stays visible on a downscaled view
-            rr, cc = circle_perimeter(int(round(r["y"])), int(round(r["x"])), int(radius) + dr, shape=(h, w))
+            rr, cc = circle_perimeter(cy, cx, max(1, int(radius * scale)) + dr, shape=(h, w))
             img[rr, cc] = colour
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, img)
 
 
-def _field_rgb(store: PatchStore, image_idx: int) -> np.ndarray:
+def _field_rgb(store: PatchStore, image_idx: int, scale: float = 1.0) -> np.ndarray:
+    """The field put back together from its patches, at ``scale`` (white where no patch is)."""
     h, w = (int(v) for v in store.image_shape[image_idx][:2])
-    out = np.full((h, w, 3), 255, np.uint8)
+    oh, ow = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    out = np.full((oh, ow, 3), 255, np.uint8)
+    p = store.patch_size
     for k in store.image_patches(image_idx):
         y, x = (int(v) for v in store.origin[k])
-        tile = store.read_rgb(int(k))
-        out[y:y + store.patch_size, x:x + store.patch_size] = tile[: h - y, : w - x]
+        tile = store.read_rgb(int(k))[: h - y, : w - x]
+        if scale != 1.0:
+            from PIL import Image
+
+            y0, x0 = int(round(y * scale)), int(round(x * scale))
+            y1, x1 = int(round(min(y + p, h) * scale)), int(round(min(x + p, w) * scale))
+            if y1 <= y0 or x1 <= x0:
+                continue
+            tile = np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize((x1 - x0, y1 - y0), Image.BILINEAR))
+            y, x = y0, x0
+        out[y:y + tile.shape[0], x:x + tile.shape[1]] = tile[: oh - y, : ow - x]
     return out
 
 
@@ -84,7 +105,7 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
         InputDataError: unknown run, run without checkpoint, store from another schema, no truth.
     """
     from uts_cli.devices import resolve_device
-    from uts_cli.evaluation import FieldStitcher, match_rows, score_map
+    from uts_cli.evaluation import RegionStitcher, match_rows, score_detections, score_map
     from uts_cli.io.atomic import atomic_write_json
     from uts_cli.io.export import write_points_csv
     from uts_cli.io.rundir import RunDir
@@ -137,15 +158,16 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
         raise InputDataError(f"store {store.path} has no {cfg.split} patches", hint="choose another --split")
     out_dir = Path(cfg.output) if cfg.output else run.path / f"eval-{cfg.split}"
     images = np.unique(store.image_idx[indices])
-    stitcher = FieldStitcher(store.image_idx, store.origin,
-                             {int(i): int(store.image_patch_count[i]) for i in images}, store.image_shape)
+    stitcher = RegionStitcher(store.image_idx, store.origin, store.image_shape, store.patch_size, indices,
+                              threshold)
     patch_counts, region_counts = Counts(), Counts()
     rows: list[dict] = []
     probs_all, labels_all = [], []
     radii = {}
     reporter.start(f"eval {cfg.split}", len(indices))
     for batch in predict_patches(model, store, indices, device, batch_size=cfg.batch_size, want_cam=True,
-                                 bn_adapt=cfg.bn_adapt, workers=cfg.workers):
+                                 bn_adapt=cfg.bn_adapt, workers=cfg.workers, cam_dtype=np.float32):
+        # float32 maps (one batch at a time): blobs then match predict's, pixel for pixel.
         cams = batch.cams.astype(np.float32)
         for k, cam in zip(batch.indices, cams):
             img = int(store.image_idx[k])
@@ -153,17 +175,19 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
             patch_counts += score_map(cam, threshold, truth, _radius_for(store, img, cfg), cfg.matching).counts
             labels_all.append(int(len(truth) > 0))
         probs_all.append(batch.probs)
-        for img, field_map in stitcher.add(batch.indices, cams):
+        for img, dets in stitcher.add(batch.indices, cams):
             radius = _radius_for(store, img, cfg)
             radii[store.image_ids[img]] = radius
             truth = store.image_points(img, truth=use_truth, kind=0)
-            scored = score_map(field_map, threshold, truth, radius, cfg.matching)
+            scored = score_detections(dets, truth, radius, cfg.matching)
             region_counts += scored.counts
             img_rows = match_rows(store.image_ids[img], scored)
             rows += img_rows
             if cfg.overlays:
                 name = store.image_ids[img].replace("/", "__") + ".png"
-                _draw_overlay(out_dir / "overlays" / name, _field_rgb(store, img), img_rows, radius)
+                h, w = (int(v) for v in store.image_shape[img][:2])
+                scale = _overlay_scale(h, w)
+                _draw_overlay(out_dir / "overlays" / name, _field_rgb(store, img, scale), img_rows, radius, scale)
         reporter.advance(len(batch.indices))
     reporter.finish()
     probs = np.concatenate(probs_all)

@@ -62,7 +62,7 @@ def root(
 
 
 def _register() -> None:
-    from uts_cli.cli import demo, distill, evaluate, normalize, prepare, teach
+    from uts_cli.cli import demo, distill, evaluate, normalize, predict, prepare, teach
 
     for name, module, fn in (("prepare", prepare, prepare.prepare_cmd),
                              ("normalize", normalize, normalize.normalize_cmd),
@@ -70,6 +70,7 @@ def _register() -> None:
                              ("distill", distill, distill.distill_cmd),
                              # "eval" shadows a builtin, hence the module and function names.
                              ("eval", evaluate, evaluate.eval_cmd),
+                             ("predict", predict, predict.predict_cmd),
                              ("demo", demo, demo.demo_cmd)):
         app.command(name, epilog=module.EXAMPLES + "\n\n" + EPILOG)(fn)
 

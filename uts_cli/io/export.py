@@ -1,4 +1,4 @@
-"""Write detections and review lists as CSV or QuPath-importable GeoJSON (stdlib + numpy).
+"""Write detections and review lists as CSV, QuPath-importable GeoJSON or grand-challenge JSON.
 
 GeoJSON layout follows QuPath's own reader/writer (qupath-core ``PathObjectTypeAdapters``, and
 qupath/qupath PR #1099 "Improved GeoJSON support", v0.4+):
@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -193,3 +194,203 @@ def write_geojson_points(path: str | os.PathLike, features: Iterable[Mapping[str
                              hint="JSON cannot store NaN or infinity; drop or replace such values") from exc
     atomic_write_text(path, text + "\n")
     return len(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-slide detection exports used by `uts predict`.
+#
+# Every writer below takes detections as ``yx``: float array (K, 2) of (row, col) in pixels of the
+# full-resolution INPUT image with pixel centres at integer coordinates, and ``scores``: (K,) in
+# [0, 1]. Files are written atomically, so a reader never sees a half-written export.
+# ---------------------------------------------------------------------------------------------
+
+#: The formats ``uts predict --format`` accepts.
+EXPORT_FORMATS = ("csv", "geojson", "midog")
+
+#: Class name of exported detections (QuPath shows it as the classification).
+DETECTION_CLASS = "Mitotic figure"
+
+# Summary columns written first, in this order; any other key follows in order of first appearance.
+SUMMARY_COLUMNS = (
+    "slide", "path", "status", "count", "tissue_area_mm2", "density_per_mm2",
+    "hotspot_count", "hotspot_area_mm2", "hotspot_density_per_mm2",
+    "hotspot_x0", "hotspot_y0", "hotspot_side_px", "hotspot_width_px", "hotspot_height_px",
+)
+
+
+def _detections(yx: Any, scores: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate detections: (K, 2) finite coordinates and (K,) finite scores in [0, 1].
+
+    Returns float64 copies sorted by row then column (a stable order makes files diffable).
+    """
+    yx = np.asarray(yx, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if yx.size == 0:
+        yx = yx.reshape(0, 2)
+    if yx.ndim != 2 or yx.shape[1] != 2:
+        raise InputDataError(f"{where}: detections have shape {yx.shape}, expected (K, 2) rows of (y, x)",
+                             hint="pass one (row, col) pair per detection")
+    if len(scores) != len(yx):
+        raise InputDataError(f"{where}: {len(yx)} detections but {len(scores)} scores",
+                             hint="pass one score per detection")
+    if not (np.isfinite(yx).all() and np.isfinite(scores).all()):
+        raise InputDataError(f"{where}: a detection coordinate or score is NaN or infinite",
+                             hint="drop invalid detections before export")
+    if len(scores) and (scores.min() < 0.0 or scores.max() > 1.0):
+        raise InputDataError(f"{where}: scores must lie in [0, 1] (got {scores.min():g}..{scores.max():g})",
+                             hint="export probabilities (after the sigmoid), not logits")
+    order = np.lexsort((yx[:, 1], yx[:, 0]))
+    return yx[order], scores[order]
+
+
+def _num(value: float, digits: int) -> float:
+    """Round for the file: sub-pixel positions to 1/1000 px, so files stay small and readable."""
+    return round(float(value), digits)
+
+
+def write_detections_csv(path: str | os.PathLike, yx: Any, scores: Any,
+                         pixel_size_um: float | None) -> Path:
+    """Write detections as CSV ``x,y,score`` (plus ``x_um,y_um`` when the pixel size is known).
+
+    Args:
+        path: destination ``.csv``; parent folders are created, the file is written atomically.
+        yx: (K, 2) detection positions (row, col) in full-resolution input pixels.
+        scores: (K,) detection scores in [0, 1].
+        pixel_size_um: micrometres per input pixel, or None when unknown (then no micrometre
+            columns are written).
+
+    Returns:
+        The written path.
+
+    Raises:
+        InputDataError: on mismatched shapes, non-finite values or scores outside [0, 1].
+    """
+    yx, scores = _detections(yx, scores, os.fspath(path))
+    fields = ["x", "y", "score"]
+    if pixel_size_um is not None:
+        fields += ["x_um", "y_um"]
+    rows = []
+    for (y, x), s in zip(yx, scores):
+        row = {"x": _num(x, 3), "y": _num(y, 3), "score": _num(s, 6)}
+        if pixel_size_um is not None:
+            row["x_um"] = _num(x * pixel_size_um, 4)
+            row["y_um"] = _num(y * pixel_size_um, 4)
+        rows.append(row)
+    write_points_csv(path, rows, fieldnames=fields)
+    return Path(path)
+
+
+def write_detections_geojson(path: str | os.PathLike, yx: Any, scores: Any, *,
+                             classification: str = DETECTION_CLASS,
+                             properties: Mapping[str, Any] | None = None) -> Path:
+    """Write detections as a QuPath-importable GeoJSON FeatureCollection of Point detections.
+
+    Each feature has ``objectType: "detection"``, ``classification: {"name", "color"}`` and the
+    score as the measurement ``score``; coordinates are ``[x, y]`` in input pixels.
+
+    Args:
+        path: destination ``.geojson``; parent folders are created, the file is written atomically.
+        yx: (K, 2) detection positions (row, col) in full-resolution input pixels.
+        scores: (K,) detection scores in [0, 1].
+        classification: class name shown in QuPath.
+        properties: extra JSON-serialisable properties copied onto every feature (QuPath keeps
+            but ignores them).
+
+    Returns:
+        The written path.
+
+    Raises:
+        InputDataError: on mismatched shapes, non-finite values or scores outside [0, 1].
+    """
+    yx, scores = _detections(yx, scores, os.fspath(path))
+    color = class_color(classification) if classification != DETECTION_CLASS else list(DEFAULT_COLORS["mitosis"])
+    features = [point_feature(_num(y, 3), _num(x, 3), classification, color=color,
+                              measurements={"score": _num(s, 6)}, object_type="detection",
+                              properties=properties)
+                for (y, x), s in zip(yx, scores)]
+    write_geojson_points(path, features)
+    return Path(path)
+
+
+def write_multiple_points(path: str | os.PathLike, yx: Any, scores: Any, pixel_size_um: float,
+                          *, name: str = "mitotic figure") -> Path:
+    """Write detections as a grand-challenge / MIDOG "Multiple points" JSON (millimetres).
+
+    Layout: ``{"type": "Multiple points", "points": [{"name", "point": [x_mm, y_mm, 0],
+    "probability"}], "version": {"major": 1, "minor": 0}}`` with ``x_mm = x * pixel_size_um /
+    1000`` (origin at the centre of the top-left pixel, like the pixel coordinates).
+
+    Args:
+        path: destination ``.json``; parent folders are created, the file is written atomically.
+        yx: (K, 2) detection positions (row, col) in full-resolution input pixels.
+        scores: (K,) detection scores in [0, 1], written as ``probability``.
+        pixel_size_um: micrometres per input pixel (required: the format is in millimetres).
+        name: the ``name`` of every point.
+
+    Returns:
+        The written path.
+
+    Raises:
+        InputDataError: on mismatched shapes, non-finite values, scores outside [0, 1], or a
+            missing / non-positive pixel size.
+    """
+    if pixel_size_um is None or not math.isfinite(float(pixel_size_um)) or float(pixel_size_um) <= 0:
+        raise InputDataError(f"{os.fspath(path)}: the Multiple points format needs a positive pixel size "
+                             f"(got {pixel_size_um})",
+                             hint="give the slide's pixel size (--mpp) or leave out the midog format")
+    yx, scores = _detections(yx, scores, os.fspath(path))
+    mm = float(pixel_size_um) / 1000.0
+    points = [{"name": name, "point": [_num(x * mm, 7), _num(y * mm, 7), 0],
+               "probability": _num(s, 6)}
+              for (y, x), s in zip(yx, scores)]
+    doc = {"type": "Multiple points", "points": points, "version": {"major": 1, "minor": 0}}
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    return Path(path)
+
+
+def _flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into ``outer_inner`` keys (a hotspot dict becomes hotspot_* columns)."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        key = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{key}_"))
+        elif value is None:
+            # A missing nested record (a slide without hotspot) still fills its known columns,
+            # so the header is the same whether or not any slide has one.
+            known = [c for c in SUMMARY_COLUMNS if c.startswith(f"{key}_")]
+            out.update(dict.fromkeys(known or [key], ""))
+        else:
+            out[key] = value
+    return out
+
+
+def write_summary_csv(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> Path:
+    """Write one row per slide, with a stable column order, atomically.
+
+    Nested mappings are flattened (``{"hotspot": {"count": 3}}`` -> column ``hotspot_count``) and
+    None becomes an empty cell. Known columns (:data:`SUMMARY_COLUMNS`) come first in their fixed
+    order; other keys follow in order of first appearance, so the header does not depend on which
+    slide happens to come first when some lack a field.
+
+    Args:
+        path: destination ``.csv``; parent folders are created.
+        rows: one mapping per slide.
+
+    Returns:
+        The written path.
+    """
+    flat = [_flatten(row) for row in rows]
+    seen: dict[str, None] = {}
+    for row in flat:
+        seen.update(dict.fromkeys(row))
+    # A nested value that is None for every slide (e.g. no hotspot) would otherwise leave an
+    # empty "hotspot" column beside the hotspot_* columns of the slides that have one.
+    for key in list(seen):
+        if any(k.startswith(f"{key}_") for k in seen) and all(row.get(key, "") == "" for row in flat):
+            del seen[key]
+            for row in flat:
+                row.pop(key, None)
+    fields = [c for c in SUMMARY_COLUMNS if c in seen] + [c for c in seen if c not in SUMMARY_COLUMNS]
+    write_points_csv(path, flat, fieldnames=fields or ["slide"])
+    return Path(path)

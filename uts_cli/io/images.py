@@ -160,14 +160,15 @@ class ImageReader(abc.ABC):
         with self._decoding():
             return self._read_whole()
 
-    def read_region(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """Read a full-resolution window; parts outside the image are white (255).
+    def read_region(self, y0: int, x0: int, h: int, w: int, level: int = 0) -> np.ndarray:
+        """Read a window of one pyramid level; parts outside the image are white (255).
 
         Args:
-            y0: top row (may be negative).
-            x0: left column (may be negative).
+            y0: top row (may be negative), in pixels of ``level``.
+            x0: left column (may be negative), in pixels of ``level``.
             h: window height in pixels.
             w: window width in pixels.
+            level: pyramid level (0 = full resolution; see ``level_shapes``).
 
         Returns:
             uint8 array (h, w, 3).
@@ -175,13 +176,13 @@ class ImageReader(abc.ABC):
         Raises:
             InputDataError: the pixels cannot be decoded.
         """
-        height, width, _ = self.shape
+        height, width = self.level_shapes[level]
         out = np.full((h, w, 3), 255, np.uint8)
         ya, yb = max(y0, 0), min(y0 + h, height)
         xa, xb = max(x0, 0), min(x0 + w, width)
         if ya < yb and xa < xb:
             with self._decoding():
-                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = self._read_window(0, ya, yb, xa, xb)
+                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = self._read_window(level, ya, yb, xa, xb)
         return out
 
     def read_lowres(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
