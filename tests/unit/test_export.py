@@ -135,13 +135,10 @@ POINT_FEATURE_SCHEMA = {
 
 
 def assert_qupath_detections(doc: dict) -> None:
-    """Check a detections GeoJSON: against the schema when jsonschema is installed, else by hand."""
-    try:
-        import jsonschema
-    except ImportError:
-        jsonschema = None
-    if jsonschema is not None:
-        jsonschema.validate(doc, POINT_FEATURE_SCHEMA)
+    """Check a detections GeoJSON against the schema (jsonschema is a test dependency), then by hand."""
+    import jsonschema
+
+    jsonschema.validate(doc, POINT_FEATURE_SCHEMA)
     assert doc["type"] == "FeatureCollection" and isinstance(doc["features"], list)
     for feat in doc["features"]:
         assert feat["type"] == "Feature"
