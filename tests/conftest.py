@@ -92,3 +92,51 @@ def write_tiny_store(path: Path, *, n_images: int = 6, field: int = 128, patch: 
 @pytest.fixture
 def tiny_store(tmp_path) -> Path:
     return write_tiny_store(tmp_path / "tiny.h5")
+
+
+# A minimal GeoJSON schema for what QuPath needs from a point detection (RFC 7946 Feature/Point).
+POINT_FEATURE_SCHEMA = {
+    "type": "object",
+    "required": ["type", "features"],
+    "properties": {
+        "type": {"const": "FeatureCollection"},
+        "features": {"type": "array", "items": {
+            "type": "object",
+            "required": ["type", "geometry", "properties"],
+            "properties": {
+                "type": {"const": "Feature"},
+                "geometry": {
+                    "type": "object", "required": ["type", "coordinates"],
+                    "properties": {"type": {"const": "Point"},
+                                   "coordinates": {"type": "array", "items": {"type": "number"},
+                                                   "minItems": 2, "maxItems": 2}}},
+                "properties": {
+                    "type": "object", "required": ["objectType", "classification", "measurements"],
+                    "properties": {
+                        "objectType": {"const": "detection"},
+                        "classification": {"type": "object", "required": ["name", "color"]},
+                        "measurements": {"type": "object",
+                                         "additionalProperties": {"type": "number"}}}},
+            }}},
+    },
+}
+
+
+def assert_qupath_detections(doc: dict) -> None:
+    """Check a detections GeoJSON against the schema (jsonschema is a test dependency), then by hand."""
+    import jsonschema
+
+    jsonschema.validate(doc, POINT_FEATURE_SCHEMA)
+    assert doc["type"] == "FeatureCollection" and isinstance(doc["features"], list)
+    for feat in doc["features"]:
+        assert feat["type"] == "Feature"
+        geom = feat["geometry"]
+        assert geom["type"] == "Point"
+        assert len(geom["coordinates"]) == 2
+        assert all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in geom["coordinates"])
+        props = feat["properties"]
+        assert props["objectType"] == "detection"
+        assert isinstance(props["classification"]["name"], str)
+        assert len(props["classification"]["color"]) == 3
+        assert isinstance(props["measurements"], dict)
+        assert all(isinstance(v, (int, float)) for v in props["measurements"].values())

@@ -7,6 +7,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from conftest import assert_qupath_detections
 import tifffile
 from typer.testing import CliRunner
 
@@ -75,17 +76,6 @@ def _points(folder):
     return np.array([[float(r["y"]), float(r["x"])] for r in rows]).reshape(-1, 2)
 
 
-def _validate_geojson(doc):
-    assert doc["type"] == "FeatureCollection" and isinstance(doc["features"], list)
-    for feat in doc["features"]:
-        assert feat["type"] == "Feature"
-        geom = feat["geometry"]
-        assert geom["type"] == "Point" and len(geom["coordinates"]) == 2
-        assert all(isinstance(v, (int, float)) for v in geom["coordinates"])
-        props = feat["properties"]
-        assert props["objectType"] == "detection"
-        assert props["classification"]["name"] == "Mitotic figure"
-        assert isinstance(props["measurements"], (dict, list))
 
 
 def test_png_field_writes_every_output(tiny, tmp_path):
@@ -107,7 +97,7 @@ def test_png_field_writes_every_output(tiny, tmp_path):
     pts = _points(folder)
     assert np.all((pts >= 0) & (pts <= 127))
     gj = json.loads((folder / "detections.geojson").read_text())
-    _validate_geojson(gj)
+    assert_qupath_detections(gj)
     assert len(gj["features"]) == slide["count"]
     mp = json.loads((folder / "detections.json").read_text())
     assert mp["type"] == "Multiple points" and len(mp["points"]) == slide["count"]

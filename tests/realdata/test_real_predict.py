@@ -11,6 +11,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from conftest import assert_qupath_detections
 import tifffile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +62,8 @@ def test_ccmct_fields_as_pyramidal_tiffs(realdata, tmp_path_factory):
             assert 0 <= float(r["x"]) <= w - 1 and 0 <= float(r["y"]) <= h - 1
             assert float(r["x_um"]) == pytest.approx(float(r["x"]) * 0.25, abs=0.01)
         gj = json.loads((folder / "detections.geojson").read_text())
-        assert gj["type"] == "FeatureCollection" and len(gj["features"]) == s["count"]
+        assert_qupath_detections(gj)
+        assert len(gj["features"]) == s["count"]
         for feat in gj["features"]:
             x, y = feat["geometry"]["coordinates"]
             assert feat["type"] == "Feature" and feat["geometry"]["type"] == "Point"
