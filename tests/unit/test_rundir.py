@@ -41,8 +41,8 @@ def test_open_existing_errors(tmp_path):
 def test_config_and_metrics_json(tmp_path):
     run = RunDir(tmp_path / "r").create()
     run.write_config({"b": 2, "a": [1, 2]})
-    assert run.read_config() == {"a": [1, 2], "b": 2}
-    assert json.loads(run.config_path.read_text()) == {"a": [1, 2], "b": 2}
+    assert run.read_config() == {"a": [1, 2], "b": 2, "schema_version": 1}
+    assert json.loads(run.config_path.read_text()) == {"a": [1, 2], "b": 2, "schema_version": 1}
     run.write_metrics({"status": "complete"})
     assert run.read_metrics()["status"] == "complete"
     assert run.open_existing().path == run.path
@@ -102,3 +102,16 @@ def test_plot_history(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     with pytest.raises(InputDataError):
         plot_history(tmp_path / "none.csv", tmp_path / "x.png")
+
+
+def test_config_from_a_newer_uts_is_refused(tmp_path):
+    import pytest
+
+    from uts_cli.errors import InputDataError
+
+    run = RunDir(tmp_path / "r").create()
+    run.config_path.write_text(json.dumps({"schema_version": 7, "uts_version": "9.0"}))
+    with pytest.raises(InputDataError, match="schema version 7"):
+        run.read_config()
+    run.config_path.write_text(json.dumps({"command": "teach"}))  # before the field existed
+    assert run.read_config()["command"] == "teach"

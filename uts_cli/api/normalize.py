@@ -125,8 +125,7 @@ def _load_reference(cfg: NormalizeConfig, src: store.PatchStore) -> tuple[np.nda
 
 def _create_output(src: store.PatchStore, out: Path, cfg: NormalizeConfig, chash: str, state: dict,
                    reference: str, compression: str) -> h5py.File:
-    part = store.partial_path(out)
-    f = h5py.File(part, "w")
+    f = store.open_new_partial(out)
     with h5py.File(src.path, "r") as s:
         f.attrs.update(dict(s.attrs))
         for group in ("images", *store.POINT_GROUPS):

@@ -30,6 +30,9 @@ HISTORY_FIELDS = (
     "n_train_samples", "timestamp",
 )
 CHECKPOINT_NAMES = ("last", "best")
+# Version of config.json's layout. A run written by a newer uts may mean something this one
+# would misread, so it is refused; runs from before the field existed count as version 1.
+RUN_SCHEMA_VERSION = 1
 # Entries a run directory may hold; --overwrite deletes a folder only if it looks like a run.
 RUN_ENTRIES = {"config.json", "env.json", "history.csv", "history.png", "metrics.json", "log.txt",
                "checkpoints", "distill", "eval", "predictions", "plots"}
@@ -141,10 +144,25 @@ class RunDir:
 
     # -- JSON files --------------------------------------------------------------------------
     def write_config(self, config: dict) -> None:
-        atomic_write_json(self.config_path, config)
+        atomic_write_json(self.config_path, {"schema_version": RUN_SCHEMA_VERSION, **config})
 
     def read_config(self) -> dict:
-        return self._read_json(self.config_path, "config")
+        """The run's ``config.json``.
+
+        Raises:
+            InputDataError: missing, unreadable, or written by a newer uts (``schema_version``).
+        """
+        config = self._read_json(self.config_path, "config")
+        if not isinstance(config, dict):
+            raise InputDataError(f"{self.config_path} is not a JSON object",
+                                 hint="the run directory is damaged; rerun with --overwrite")
+        version = config.get("schema_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version > RUN_SCHEMA_VERSION:
+            raise InputDataError(
+                f"{self.config_path} has run schema version {version!r}; this uts reads version "
+                f"{RUN_SCHEMA_VERSION} (the run was written by uts {config.get('uts_version', '?')})",
+                hint="upgrade uts (pip install -U uts) to use this run")
+        return config
 
     def write_env(self, env: dict) -> None:
         atomic_write_json(self.env_path, env)

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import h5py
 import numpy as np
 
-from uts_cli.errors import InputDataError, UsageError
+from uts_cli.errors import InputDataError, ResourceError, UsageError
 
 FORMAT = "uts-patch-store"
 SCHEMA_VERSION = 1
@@ -98,6 +98,30 @@ def _append(ds: h5py.Dataset, rows: np.ndarray) -> None:
     ds[n:] = rows
 
 
+def open_new_partial(path: Path) -> h5py.File:
+    """Create (truncate) ``partial_path(path)`` for writing, making its folder if needed.
+
+    Args:
+        path: the final store path.
+
+    Returns:
+        The open, empty ``h5py.File`` (mode ``w``).
+
+    Raises:
+        ResourceError: the folder cannot be created or written (a file in the way, read-only).
+    """
+    part = partial_path(path)
+    try:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        return h5py.File(part, "w")
+    except OSError as exc:
+        # A file in the way of the folder, a read-only folder: say where, not an internal error.
+        blocker = next((p for p in part.parents if p.exists() and not p.is_dir()), part.parent)
+        reason = "it is a file, not a folder" if not blocker.is_dir() else (exc.strerror or str(exc))
+        raise ResourceError(f"cannot create the store in {blocker}: {reason}",
+                            hint="choose a writable folder with --output") from None
+
+
 def create_partial(path: Path, *, attrs: dict[str, Any], patch_size: int, compression: str,
                    has_truth: bool) -> h5py.File:
     """Create an empty ``.partial`` store with all datasets, ready for appends.
@@ -112,10 +136,11 @@ def create_partial(path: Path, *, attrs: dict[str, Any], patch_size: int, compre
 
     Returns:
         The open ``h5py.File`` (mode ``w``).
+
+    Raises:
+        ResourceError: the folder cannot be created or written (a file in the way, read-only).
     """
-    part = partial_path(path)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    f = h5py.File(part, "w")
+    f = open_new_partial(path)
     f.attrs.update({
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
