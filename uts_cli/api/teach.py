@@ -139,13 +139,20 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
                              hint="check the store's splits (uts prepare --splits) or use another store")
 
     run = RunDir(resolve_run(cfg.name, cfg.runs_dir))
-    if cfg.resume:
+    resuming = cfg.resume
+    if cfg.resume and run.path.is_dir() and not run.has_checkpoint("last"):
+        # Killed before its first checkpoint: nothing to resume, so start over in the same folder
+        # (dropping a history row written just before the kill).
+        reporter.log(f"{run.path} has no checkpoint yet; starting the run from the beginning")
+        resuming = False
+        run.truncate_history(0)
+    elif cfg.resume:
         run.open_existing()
     else:
         run.create(overwrite=cfg.overwrite)
     model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
                    input_norm=cfg.input_norm)
-    if not cfg.resume:
+    if not resuming:
         load_backbone_weights(model, cfg.weights)
     params = TrainParams(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, location=cfg.location,
                          alpha_location=cfg.alpha_location, temperature=cfg.temperature, margin=cfg.margin,
@@ -163,7 +170,7 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
         **(extra_config or {}),
     }
     fit_result = fit(model.to(device), store, train_indices, val_indices, params, run, device=device,
-                     reporter=reporter, labels=labels, resume=cfg.resume, run_config=run_config)
+                     reporter=reporter, labels=labels, resume=resuming, run_config=run_config)
 
     # The checkpoint holds the image-level threshold chosen on val at the best epoch.
     best_model, info = load_run_model(run, "best", device)

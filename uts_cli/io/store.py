@@ -263,6 +263,8 @@ def commit_image(f: h5py.File, image_idx: int, sha256: str) -> None:
             counts[f"n_{name}_committed"] = f[name]["patch_idx"].shape[0]
     # Counts and the done flag are written last: a crash before this point leaves the unit
     # uncommitted, and the next run trims it away.
+    rows = {"patches": end, **{g: counts[f"n_{g}_committed"] for g in POINT_GROUPS if g in f}}
+    record_tails(f, {f"{group}/{name}": n for group, n in rows.items() for name in f[group]})
     f.attrs.update(counts)
     img["done"][image_idx] = True
     f.flush()
@@ -306,12 +308,47 @@ def open_partial_for_resume(path: Path, expected_hash: str, required_group: str 
               and required_group in f)
         if ok:
             trim_to_committed(f)
+            _check_tails(f)
             return f
     except (OSError, KeyError, ValueError):
         pass
-    f.close()
+    try:
+        f.close()
+    except OSError:  # a torn file may fail to flush on close as well
+        pass
     part.unlink()
     return None
+
+
+def _tail_digest(ds: h5py.Dataset, n: int) -> str:
+    """sha256 of rows ``[start of the chunk holding row n-1, n)``: the committed rows that share a
+    chunk with rows written after the commit."""
+    start = (n // ds.chunks[0]) * ds.chunks[0] if ds.chunks else n
+    return hashlib.sha256(np.ascontiguousarray(ds[start:n]).tobytes()).hexdigest()
+
+
+def record_tails(f: h5py.File, committed: dict[str, int]) -> None:
+    """Remember the committed rows of each partly filled last chunk (call just before a commit).
+
+    Why: HDF5 rewrites a compressed chunk elsewhere in the file when rows are added to it, and
+    may hand the old place to another chunk. A process killed before the next flush can then
+    leave the index pointing at someone else's pixels, which decode without any error. On resume,
+    :func:`open_partial_for_resume` compares these digests and discards a file they disagree with.
+
+    Args:
+        f: the open partial store.
+        committed: dataset path -> number of committed rows.
+    """
+    f.attrs["tail_check_json"] = json.dumps(
+        {name: [n, _tail_digest(f[name], n)] for name, n in sorted(committed.items())})
+
+
+def _check_tails(f: h5py.File) -> None:
+    """Raise OSError if a committed chunk no longer holds what :func:`record_tails` saw."""
+    recorded = json.loads(f.attrs.get("tail_check_json", "{}"))
+    for name, (n, digest) in recorded.items():
+        if name not in f or f[name].shape[0] < n or _tail_digest(f[name], n) != digest:
+            raise OSError(f"committed rows of {name} were damaged by an interruption")
 
 
 def check_output_path(path: Path, overwrite: bool) -> None:
