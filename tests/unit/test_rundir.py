@@ -115,3 +115,19 @@ def test_config_from_a_newer_uts_is_refused(tmp_path):
         run.read_config()
     run.config_path.write_text(json.dumps({"command": "teach"}))  # before the field existed
     assert run.read_config()["command"] == "teach"
+
+
+def test_restart_reuses_an_early_killed_run_but_not_a_foreign_folder(tmp_path):
+    import pytest
+
+    from uts_cli.errors import UsageError
+
+    run = RunDir(tmp_path / "r").create()
+    run.write_config({"command": "teach"})
+    run.append_history({"epoch": 1, "train_loss": 0.5})
+    assert run.restart().read_history() == []
+    assert RunDir(tmp_path / "new").restart().path.is_dir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a run")
+    with pytest.raises(UsageError, match="does not look like a uts run"):
+        RunDir(tmp_path / "mine").restart()

@@ -144,9 +144,7 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
     if unknown:
         raise UsageError(f"unknown student option(s): {', '.join(sorted(unknown))}", hint="see uts distill --help")
     student_fields = {**teacher_cfg, **{k: v for k, v in cfg.overrides.items() if v is not None}}
-    # A distill killed while scoring the teacher has no student folder yet: --resume then starts it.
-    resume = cfg.resume and resolve_run(cfg.name, cfg.runs_dir).exists()
-    student_fields.update(name=cfg.name, runs_dir=str(cfg.runs_dir), resume=resume,
+    student_fields.update(name=cfg.name, runs_dir=str(cfg.runs_dir), resume=cfg.resume,
                           overwrite=cfg.overwrite, device=cfg.device, workers=cfg.workers)
     student_cfg = TeachConfig(**{k: (Path(v) if k in ("store", "runs_dir") else v)
                                  for k, v in student_fields.items()})

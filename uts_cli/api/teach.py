@@ -139,14 +139,13 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
                              hint="check the store's splits (uts prepare --splits) or use another store")
 
     run = RunDir(resolve_run(cfg.name, cfg.runs_dir))
-    resuming = cfg.resume
-    if cfg.resume and run.path.is_dir() and not run.has_checkpoint("last"):
-        # Killed before its first checkpoint: nothing to resume, so start over in the same folder
-        # (dropping a history row written just before the kill).
-        reporter.log(f"{run.path} has no checkpoint yet; starting the run from the beginning")
-        resuming = False
-        run.truncate_history(0)
-    elif cfg.resume:
+    resuming = cfg.resume and run.has_checkpoint("last")
+    if cfg.resume and not resuming:
+        # Killed before its first checkpoint (or before its folder existed): nothing to resume,
+        # so start from the beginning.
+        reporter.log(f"no checkpoint to resume in {run.path}; starting the run from the beginning")
+        run.restart()
+    elif resuming:
         run.open_existing()
     else:
         run.create(overwrite=cfg.overwrite)

@@ -59,7 +59,7 @@ class Amp(str, Enum):
 
 
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds the run folders.", file_okay=False)]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (starts it if it has none yet).")]
 
 
 @cli_errors("teach")

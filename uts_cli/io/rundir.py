@@ -128,6 +128,24 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
+    def restart(self) -> "RunDir":
+        """Start afresh in a run folder that holds no checkpoint yet (a run killed early).
+
+        Files already there are kept (the config is rewritten by the new start); history rows
+        are dropped, since one may have been written just before the kill.
+
+        Raises:
+            UsageError: the path is a file, or a non-empty folder that is not a uts run.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"run directory path is a file: {self.path}", hint="choose another --name")
+        if self._is_nonempty_dir() and not self._looks_like_run():
+            raise UsageError(f"{self.path} is not empty and does not look like a uts run directory",
+                             hint="choose another --name or --runs-dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.truncate_history(0)
+        return self
+
     def open_existing(self) -> "RunDir":
         """Open a run written before (for resume, eval, distill or predict).
 
