@@ -10,13 +10,13 @@ import typer
 from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, SeedOpt, StoreArg, WorkersOpt
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
 
-EXAMPLES = """Examples:
+EXAMPLES = """Examples (after the `uts normalize` examples; tiny settings that finish in seconds):
 
-  uts teach local_data/stores/tupac16-p500-norm.h5 --name teacher1
+  uts teach local_data/stores/synthetic-p128-norm.h5 --name teacher1 --weights none --epochs 1 --steps-per-epoch 10 --batch-size 16
 
-  uts teach store.h5 --name t2 --weights none --epochs 20 --lr 1e-3 --location lb
+  uts teach folder-norm.h5 --name t2 --weights none --epochs 1 --steps-per-epoch 2 --lr 1e-3 --location lb
 
-  uts teach store.h5 --name teacher1 --resume
+  uts teach local_data/stores/synthetic-p128-norm.h5 --name teacher1 --weights none --epochs 2 --steps-per-epoch 10 --batch-size 16 --resume
 """
 
 
