@@ -44,8 +44,10 @@ def _walk():
                 yield name, param.name
 
 
-@pytest.fixture
-def files(tmp_path):
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs the options point at; read only (the API is replaced, so nothing is written)."""
+    tmp_path = tmp_path_factory.mktemp("walk")
     store = write_tiny_store(tmp_path / "s.h5", n_images=3)
     (tmp_path / "dir").mkdir()
     csv = tmp_path / "x.csv"
