@@ -484,3 +484,13 @@ def test_bad_input(name, tmp_path, monkeypatch):
 
 def test_the_corpus_is_big_enough():
     assert len(CASES) >= 25
+
+
+def test_paths_with_spaces_and_non_ascii_work(tmp_path):
+    """The same dataset that fails above when corrupt is prepared fine from such a folder."""
+    root, _ = folder_dataset(tmp_path, name="my dätä ü")
+    out = tmp_path / "out dir ✓" / "store ü.h5"
+    r = runner.invoke(app, ["prepare", "folder", "--root", str(root), "-o", str(out), "--patch-size", "32",
+                            "--json"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["n_points"] == 1 and out.is_file()
