@@ -55,7 +55,7 @@ def _chain() -> list[str]:
     return [line for name in names for line in _examples(name)]
 
 
-@pytest.mark.slow  # about 3 minutes on 2 CPU cores: demo and prepare each render the synthetic data
+@pytest.mark.slow  # minutes (26 on 2 cores shared with other jobs): prepare and demo render data, 7 runs train
 def test_help_examples_run_as_written(tmp_path, monkeypatch):
     """Every example of every command, in pipeline order, in one empty folder, unchanged."""
     monkeypatch.chdir(tmp_path)
