@@ -15,9 +15,9 @@ EXAMPLES = """Examples (after the `uts teach` examples):
 
   uts distill --teacher teacher1 --name student1
 
-  uts distill --teacher runs/teacher1 --name s2 --filter FP --epochs 1
+  uts distill --teacher runs/teacher1 --name s2 --filter FP --pseudolabel --epochs 1
 
-  uts distill --teacher teacher1 --name s3 --pseudolabel --epochs 1
+Other filters: --filter TP (default) or FP_TP; student options default to the teacher's.
 """
 
 

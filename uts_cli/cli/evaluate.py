@@ -16,7 +16,7 @@ EXAMPLES = """Examples (after the `uts distill` examples):
 
   uts eval student1 --split val --matching legacy --json
 
-  uts eval runs/student1 --store local_data/stores/synthetic-p128.h5 --radius-um 7.5 --overlays
+  uts eval runs/s2 --store local_data/stores/synthetic-p128.h5 --radius-um 7.5 --overlays
 """
 
 
