@@ -83,9 +83,10 @@ def check_schema_version(data: dict[str, Any], source: Any = "the run config") -
         source: what to name in the message (e.g. the file's path).
     """
     version = data.get("schema_version", 1)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION:
         raise InputDataError(
-            f"{source} has schema version {version!r}; this uts reads up to {SCHEMA_VERSION}",
+            f"{source} has schema version {version!r}; this uts reads up to {SCHEMA_VERSION} "
+            f"(the run was written by uts {data.get('uts_version', '?')})",
             hint="upgrade uts (pip install -U uts) to read runs made by a newer version")
 
 

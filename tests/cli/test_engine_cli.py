@@ -1,5 +1,6 @@
 """teach -> distill -> eval through the CLI on a tiny store, and the engine commands' error paths."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,14 +16,23 @@ TINY = ["--weights", "none", "--n-blocks", "1", "--epochs", "1", "--batch-size",
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny store with clean truth and a teacher run trained on it (module scoped: built once)."""
+def _trained_once(tmp_path_factory):
+    """A tiny store with clean truth and a teacher run trained on it (built once, never changed)."""
     root = tmp_path_factory.mktemp("engine")
     store = write_tiny_store(root / "tiny.h5", n_images=10, with_truth=True)
     runs = root / "runs"
     r = runner.invoke(app, ["teach", str(store), "--name", "t", "--runs-dir", str(runs), "--json", *TINY], env=ENV)
     assert r.exit_code == 0, r.stderr
     return store, runs, json.loads(r.stdout)
+
+
+@pytest.fixture
+def trained(_trained_once, tmp_path):
+    """Each test gets its own copy of the runs folder, so no test sees another's changes."""
+    store, runs, doc = _trained_once
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    return store, copy, doc
 
 
 def _set_teacher_threshold(runs, value):
@@ -84,10 +94,12 @@ def test_distill_pseudolabel_trains_a_student_and_writes_review_files(trained):
     assert cfg["config"]["n_blocks"] == 1  # inherited from the teacher
     rows = (student / "distill" / "removed.csv").read_text().splitlines()
     assert rows[0].startswith("patch,split,image")
-    if len(rows) > 1:
-        assert all(",relabelled," in row for row in rows[1:])
-        geo = list((student / "distill" / "geojson").glob("*.geojson"))
-        assert geo and json.loads(geo[0].read_text())["type"] == "FeatureCollection"
+    # At the median threshold the teacher calls half the patches positive, so some labels change.
+    assert len(rows) > 1
+    assert all(",relabelled," in row for row in rows[1:])
+    assert sum(doc["removed_by_reason"].values()) == len(rows) - 1
+    geo = list((student / "distill" / "geojson").glob("*.geojson"))
+    assert geo and json.loads(geo[0].read_text())["type"] == "FeatureCollection"
 
 
 def test_distill_refuses_when_teacher_rejects_almost_everything(trained):
@@ -108,7 +120,7 @@ def test_existing_run_needs_resume_or_overwrite(trained):
 
 def test_resume_of_a_finished_run_extends_it(trained, tmp_path):
     store, _, _ = trained
-    runs = tmp_path / "runs"
+    runs = tmp_path / "own-runs"
     args = ["teach", str(store), "--name", "r", "--runs-dir", str(runs), *TINY]
     assert runner.invoke(app, args, env=ENV).exit_code == 0
     more = [a if a != "1" or args[i - 1] != "--epochs" else "2" for i, a in enumerate(args)]
@@ -118,11 +130,10 @@ def test_resume_of_a_finished_run_extends_it(trained, tmp_path):
     assert epochs == [1, 2]
 
 
-def test_cuda_requested_without_cuda_is_resource_error(tiny_store, tmp_path):
+def test_cuda_requested_without_cuda_is_resource_error(tiny_store, tmp_path, monkeypatch):
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
     r = runner.invoke(app, ["teach", str(tiny_store), "--name", "x", "--runs-dir", str(tmp_path), "--device", "cuda",
                             "--weights", "none"], env=ENV)
     assert r.exit_code == 4
@@ -156,3 +167,48 @@ def test_imagenet_weights_unavailable_offline_is_explained(tiny_store, tmp_path,
                             "--weights", "imagenet"], env=ENV)
     assert r.exit_code == 4
     assert "--weights none" in r.stderr or "--weights PATH" in r.stderr
+
+
+def test_eval_metric_values_on_a_controlled_cam(trained, tmp_path, monkeypatch):
+    """Predictions replaced by a hand-made CAM, so every count is known in advance.
+
+    The test image c9/f0 (128 px, four 64 px patches) has clean-truth mitoses at (49.9, 69.7)
+    and (74.1, 101.6). The CAM holds one blob on the first point (a true positive), one at
+    (110, 15), far from both (a false positive), and nothing near the second (a false negative):
+    region level TP 1, FP 1, FN 1, so P = R = F1 = 0.5. The blobs fall in patches (0, 64) and
+    (64, 0), the points in (0, 64) and (64, 64): the patch level is also TP 1, FP 1, FN 1. Patch
+    probabilities 0.1, 0.9, 0.9, 0.1 against an image threshold of 0.5 call patches (0, 64) and
+    (64, 0) positive, while (0, 64) and (64, 64) hold mitoses: image level TP 1, FP 1, FN 1.
+    """
+    import uts_cli.model.predict as predict
+    from uts_cli.io.store import PatchStore
+
+    store_path, runs, _ = trained
+    _set_teacher_threshold(runs, 0.5)
+    s = PatchStore(store_path)
+    test = s.indices("test")
+    assert s.image_ids[s.image_idx[test[0]]] == "c9/f0" and s.origin[test].tolist() == [[0, 0], [0, 64], [64, 0], [64, 64]]
+    np.testing.assert_allclose(s.image_points(9, truth=True, kind=0), [[49.9, 69.7], [74.1, 101.6]], atol=0.5)
+    field = np.zeros((128, 128), np.float32)
+    yy, xx = np.mgrid[:128, :128]
+    for y, x in ((50, 70), (110, 15)):
+        field[(yy - y) ** 2 + (xx - x) ** 2 <= 9] = 0.9
+    cams = np.stack([field[y:y + 64, x:x + 64] for y, x in s.origin[test]])
+    probs = np.array([0.1, 0.9, 0.9, 0.1], np.float32)
+
+    def fake_predict(model, store, indices, device, **kwargs):
+        order = [list(test).index(k) for k in indices]
+        yield predict.PredictionBatch(np.asarray(indices), probs[order], s.label[indices], cams[order])
+
+    monkeypatch.setattr(predict, "predict_patches", fake_predict)
+    r = runner.invoke(app, ["eval", "t", "--runs-dir", str(runs), "--json", "--device", "cpu", "--threshold", "0.5",
+                            "--radius-px", "10", "-o", str(tmp_path / "ev")], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    for level in ("region", "patch", "image_level"):
+        c = doc[level]
+        assert (c["tp"], c["fp"], c["fn"]) == (1, 1, 1), (level, c)
+        assert c["precision"] == pytest.approx(0.5) and c["recall"] == pytest.approx(0.5)
+        assert c["f1"] == pytest.approx(0.5)
+    rows = (tmp_path / "ev" / "matches.csv").read_text().splitlines()[1:]
+    assert sorted(row.split(",")[1] for row in rows) == ["FN", "FP", "TP"]

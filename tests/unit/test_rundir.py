@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from uts_cli.config import SCHEMA_VERSION
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.rundir import HISTORY_FIELDS, RunDir
 from uts_cli.plots import plot_history
@@ -42,8 +43,8 @@ def test_open_existing_errors(tmp_path):
 def test_config_and_metrics_json(tmp_path):
     run = RunDir(tmp_path / "r").create()
     run.write_config({"b": 2, "a": [1, 2]})
-    assert run.read_config() == {"a": [1, 2], "b": 2}
-    assert json.loads(run.config_path.read_text()) == {"a": [1, 2], "b": 2}
+    assert run.read_config() == {"a": [1, 2], "b": 2, "schema_version": SCHEMA_VERSION}
+    assert json.loads(run.config_path.read_text()) == {"a": [1, 2], "b": 2, "schema_version": SCHEMA_VERSION}
     run.write_metrics({"status": "complete"})
     assert run.read_metrics()["status"] == "complete"
     assert run.open_existing().path == run.path
@@ -177,3 +178,32 @@ def test_disk_full_in_the_atomic_writer_is_a_resource_error_naming_the_file(tmp_
         atomic.atomic_write_json(target, {"a": 1})
     assert str(target) in info.value.message and "free space" in info.value.hint
     assert not target.exists() and not list(target.parent.glob("*.tmp"))
+
+
+def test_config_from_a_newer_uts_is_refused(tmp_path):
+    import pytest
+
+    from uts_cli.errors import InputDataError
+
+    run = RunDir(tmp_path / "r").create()
+    run.config_path.write_text(json.dumps({"schema_version": 7, "uts_version": "9.0"}))
+    with pytest.raises(InputDataError, match="schema version 7"):
+        run.read_config()
+    run.config_path.write_text(json.dumps({"command": "teach"}))  # before the field existed
+    assert run.read_config()["command"] == "teach"
+
+
+def test_restart_reuses_an_early_killed_run_but_not_a_foreign_folder(tmp_path):
+    import pytest
+
+    from uts_cli.errors import UsageError
+
+    run = RunDir(tmp_path / "r").create()
+    run.write_config({"command": "teach"})
+    run.append_history({"epoch": 1, "train_loss": 0.5})
+    assert run.restart().read_history() == []
+    assert RunDir(tmp_path / "new").restart().path.is_dir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a run")
+    with pytest.raises(UsageError, match="does not look like a uts run"):
+        RunDir(tmp_path / "mine").restart()

@@ -266,6 +266,7 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
             rgb_ds[s:e] = block
             ok_ds[s:e] = np.concatenate(oks)
             # Commit the block last (see io/store.py: a crash before this line redoes the block).
+            store.record_tails(f, {"patches/rgb": e, "normalization/ok": e})
             f.attrs["n_done"] = e
             f.flush()
         reporter.finish()

@@ -127,7 +127,13 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
                              hint="check the store's splits (uts prepare --splits) or use another store")
 
     run = RunDir(resolve_run(cfg.name, cfg.runs_dir))
-    if cfg.resume:
+    resuming = cfg.resume and run.has_checkpoint("last")
+    if cfg.resume and not resuming:
+        # Killed before its first checkpoint (or before its folder existed): nothing to resume,
+        # so start from the beginning.
+        reporter.log(f"no checkpoint to resume in {run.path}; starting the run from the beginning")
+        run.restart()
+    elif resuming:
         run.open_existing()
         check_schema_version(run.read_config(), run.config_path)
     elif not prepared:
@@ -139,7 +145,7 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
                  f"device {device}")
     model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
                    input_norm=cfg.input_norm)
-    if not cfg.resume:
+    if not resuming:
         load_backbone_weights(model, cfg.weights)
     run_config = {
         "command": command,
@@ -153,7 +159,7 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
         **(extra_config or {}),
     }
     fit_result = fit(model.to(device), store, train_indices, val_indices, cfg, run, device=device,
-                     reporter=reporter, labels=labels, resume=cfg.resume, run_config=run_config)
+                     reporter=reporter, labels=labels, resume=resuming, run_config=run_config)
 
     # The checkpoint holds the image-level threshold chosen on val at the best epoch.
     best_model, info = load_run_model(run, "best", device)

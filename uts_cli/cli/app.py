@@ -12,13 +12,14 @@ from typing import Annotated
 
 import typer
 
-from uts_cli.cli import _output
+from uts_cli.cli import _help, _output
 from uts_cli.errors import EXIT_CODES
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {text.split(' (')[0]}" for code, text in EXIT_CODES.items())
 
 app = typer.Typer(
     name="uts",
+    cls=_help.Group,
     help="Uninformed Teacher-Student (UTS) mitosis localization in H&E images.",
     epilog=EPILOG,
     no_args_is_help=True,
@@ -72,7 +73,7 @@ def _register() -> None:
                              ("eval", evaluate, evaluate.eval_cmd),
                              ("predict", predict, predict.predict_cmd),
                              ("demo", demo, demo.demo_cmd)):
-        app.command(name, epilog=module.EXAMPLES + "\n\n" + EPILOG)(fn)
+        app.command(name, cls=_help.Command, epilog=module.EXAMPLES + "\n\n" + EPILOG)(fn)
 
 
 _register()

@@ -9,13 +9,11 @@ import typer
 from uts_cli.cli._options import DeviceOpt, JsonOpt, SeedOpt, WorkersOpt
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, out_console
 
-EXAMPLES = """Examples:
+EXAMPLES = """Example (a few minutes on a CPU; the defaults take longer and score better):
 
-  uts demo
+  uts demo --epochs 2 --steps-per-epoch 10 --batch-size 16 --json
 
-  uts demo --seed 1 --workdir /tmp/uts-demo --json
-
-  uts demo --device cuda --epochs 10 --steps-per-epoch 100
+Full run: uts demo (on a GPU: uts demo --device cuda --epochs 10 --steps-per-epoch 100).
 """
 
 

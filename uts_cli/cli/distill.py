@@ -11,13 +11,13 @@ from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, WorkersOpt, c
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
 from uts_cli.cli.teach import ResumeOpt, RunsDirOpt
 
-EXAMPLES = """Examples:
+EXAMPLES = """Examples (after the `uts teach` examples):
 
   uts distill --teacher teacher1 --name student1
 
-  uts distill --teacher runs/teacher1 --name s2 --filter FP_TP --epochs 20
+  uts distill --teacher runs/teacher1 --name s2 --filter FP --pseudolabel --epochs 1
 
-  uts distill --teacher teacher1 --name s3 --pseudolabel
+Other filters: --filter TP (default) or FP_TP; student options default to the teacher's.
 """
 
 

@@ -10,13 +10,13 @@ from uts_cli import choices
 from uts_cli.cli._options import DeviceOpt, JsonOpt, WorkersOpt, choice_enum
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, out_console
 
-EXAMPLES = """Examples:
+EXAMPLES = """Examples (after the `uts distill` examples):
 
   uts eval runs/teacher1
 
   uts eval student1 --split val --matching legacy --json
 
-  uts eval runs/student1 --store other-norm.h5 --radius-um 7.5 --overlays
+  uts eval runs/s2 --store local_data/stores/synthetic-p128.h5 --radius-um 7.5 --overlays
 """
 
 

@@ -10,13 +10,13 @@ from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, StoreArg
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
 from uts_cli.cli.prepare import Compression
 
-EXAMPLES = """Examples:
+EXAMPLES = """Examples (after the `uts prepare` examples):
 
-  uts normalize local_data/stores/synthetic-p256.h5
+  uts normalize local_data/stores/synthetic-p128.h5
 
-  uts normalize tupac16.h5 --reference TUPAC16/67/01.tif -o tupac16-norm.h5
+  uts normalize folder-p128.h5 --reference local_data/datasets/synthetic/images/case01/f01.tif -o folder-norm.h5
 
-  uts normalize midog21.h5 --no-hist-match --device cuda
+  uts normalize folder-p128.h5 --no-hist-match --device cpu -o folder-macenko.h5
 """
 
 

@@ -10,15 +10,13 @@ from uts_cli import choices
 from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, WorkersOpt, choice_enum
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, out_console
 
-EXAMPLES = """Examples:
+EXAMPLES = """Examples (after the `uts distill` examples; on your own slides: uts predict slides/*.svs --run student1):
 
-  uts predict slide.svs --run student1
+  uts predict 'local_data/datasets/synthetic/images/case01/*.tif' --run student1 -o preds
 
-  uts predict 'slides/*.tif' --run runs/student1 -o preds/ --format csv,geojson --heatmap
+  uts predict local_data/datasets/synthetic/images/case02/f01.tif --run student1 -o preds --heatmap --json
 
-  uts predict field.png --run student1 --mpp 0.25 --json
-
-  uts predict field.tif --run student1 --overlap 0   (the store grid: same tiles as eval)
+  uts predict local_data/datasets/synthetic/images/case02/f02.tif --run runs/student1 -o preds-grid --overlap 0 --format csv
 """
 
 

@@ -15,13 +15,13 @@ Dataset = choice_enum("Dataset", choices.DATASET_NAMES)
 Compression = choice_enum("Compression", choices.COMPRESSIONS)
 
 
-EXAMPLES = """Examples:
+EXAMPLES = """Examples (they run as written, in this order, on the built-in synthetic data):
 
-  uts prepare synthetic --seed 0
+  uts prepare synthetic --patch-size 128
 
-  uts prepare TUPAC16 --root /data/TUPAC16 -o tupac16.h5
+  uts prepare folder --root local_data/datasets/synthetic --patch-size 128 --splits local_data/datasets/synthetic/splits.csv -o folder-p128.h5
 
-  uts prepare folder --root my_slides --patch-size 256 --splits splits.csv
+Real datasets: uts prepare TUPAC16 --root /data/TUPAC16 (see the README for each layout).
 """
 
 

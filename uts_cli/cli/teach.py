@@ -10,13 +10,13 @@ from uts_cli import choices
 from uts_cli.cli._options import DeviceOpt, choice_enum, JsonOpt, OverwriteOpt, SeedOpt, StoreArg, WorkersOpt
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
 
-EXAMPLES = """Examples:
+EXAMPLES = """Examples (after the `uts normalize` examples; tiny settings that finish in seconds):
 
-  uts teach local_data/stores/tupac16-p500-norm.h5 --name teacher1
+  uts teach local_data/stores/synthetic-p128-norm.h5 --name teacher1 --weights none --epochs 1 --steps-per-epoch 10 --batch-size 16
 
-  uts teach store.h5 --name t2 --weights none --epochs 20 --lr 1e-3 --location lb
+  uts teach folder-norm.h5 --name t2 --weights none --epochs 1 --steps-per-epoch 2 --lr 1e-3 --location lb
 
-  uts teach store.h5 --name teacher1 --resume
+  uts teach local_data/stores/synthetic-p128-norm.h5 --name teacher1 --weights none --epochs 2 --steps-per-epoch 10 --batch-size 16 --resume
 """
 
 
@@ -30,7 +30,7 @@ Amp = choice_enum("Amp", choices.AMP_MODES)
 
 
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds the run folders.", file_okay=False)]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint (starts it if it has none yet).")]
 
 
 @cli_errors("teach")

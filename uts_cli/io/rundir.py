@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from uts_cli.choices import CHECKPOINT_NAMES
+from uts_cli.config import SCHEMA_VERSION, check_schema_version
 from uts_cli.errors import InputDataError, UsageError, resource_error
 from uts_cli.io.atomic import atomic_write, atomic_write_json, atomic_write_text
 
@@ -227,6 +228,24 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
+    def restart(self) -> "RunDir":
+        """Start afresh in a run folder that holds no checkpoint yet (a run killed early).
+
+        Files already there are kept (the config is rewritten by the new start); history rows
+        are dropped, since one may have been written just before the kill.
+
+        Raises:
+            UsageError: the path is a file, or a non-empty folder that is not a uts run.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"run directory path is a file: {self.path}", hint="choose another --name")
+        if self._is_nonempty_dir() and not self._looks_like_run():
+            raise UsageError(f"{self.path} is not empty and does not look like a uts run directory",
+                             hint="choose another --name or --runs-dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.truncate_history(0)
+        return self
+
     def open_existing(self) -> "RunDir":
         """Open a run written before (for resume, eval, distill or predict).
 
@@ -243,10 +262,21 @@ class RunDir:
 
     # -- JSON files --------------------------------------------------------------------------
     def write_config(self, config: dict) -> None:
-        atomic_write_json(self.config_path, config)
+        # A run written by a newer uts may mean something this one would misread: readers refuse it.
+        atomic_write_json(self.config_path, {"schema_version": SCHEMA_VERSION, **config})
 
     def read_config(self) -> dict:
-        return self._read_json(self.config_path, "config")
+        """The run's ``config.json``.
+
+        Raises:
+            InputDataError: missing, unreadable, or written by a newer uts (``schema_version``).
+        """
+        config = self._read_json(self.config_path, "config")
+        if not isinstance(config, dict):
+            raise InputDataError(f"{self.config_path} is not a JSON object",
+                                 hint="the run directory is damaged; rerun with --overwrite")
+        check_schema_version(config, self.config_path)
+        return config
 
     def write_env(self, env: dict) -> None:
         atomic_write_json(self.env_path, env)

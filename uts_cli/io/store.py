@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from uts_cli.choices import COMPRESSIONS, POINT_KINDS
-from uts_cli.errors import InputDataError, UsageError
+from uts_cli.errors import InputDataError, ResourceError, UsageError
 
 FORMAT = "uts-patch-store"
 SCHEMA_VERSION = 1
@@ -98,6 +98,30 @@ def _append(ds: h5py.Dataset, rows: np.ndarray) -> None:
     ds[n:] = rows
 
 
+def open_new_partial(path: Path) -> h5py.File:
+    """Create (truncate) ``partial_path(path)`` for writing, making its folder if needed.
+
+    Args:
+        path: the final store path.
+
+    Returns:
+        The open, empty ``h5py.File`` (mode ``w``).
+
+    Raises:
+        ResourceError: the folder cannot be created or written (a file in the way, read-only).
+    """
+    part = partial_path(path)
+    try:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        return h5py.File(part, "w")
+    except OSError as exc:
+        # A file in the way of the folder, a read-only folder: say where, not an internal error.
+        blocker = next((p for p in part.parents if p.exists() and not p.is_dir()), part.parent)
+        reason = "it is a file, not a folder" if not blocker.is_dir() else (exc.strerror or str(exc))
+        raise ResourceError(f"cannot create the store in {blocker}: {reason}",
+                            hint="choose a writable folder with --output") from None
+
+
 def create_partial(path: Path, *, attrs: dict[str, Any], patch_size: int, compression: str,
                    has_truth: bool) -> h5py.File:
     """Create an empty ``.partial`` store with all datasets, ready for appends.
@@ -112,10 +136,11 @@ def create_partial(path: Path, *, attrs: dict[str, Any], patch_size: int, compre
 
     Returns:
         The open ``h5py.File`` (mode ``w``).
+
+    Raises:
+        ResourceError: the folder cannot be created or written (a file in the way, read-only).
     """
-    part = partial_path(path)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    f = h5py.File(part, "w")
+    f = open_new_partial(path)
     f.attrs.update({
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -238,6 +263,8 @@ def commit_image(f: h5py.File, image_idx: int, sha256: str) -> None:
             counts[f"n_{name}_committed"] = f[name]["patch_idx"].shape[0]
     # Counts and the done flag are written last: a crash before this point leaves the unit
     # uncommitted, and the next run trims it away.
+    rows = {"patches": end, **{g: counts[f"n_{g}_committed"] for g in POINT_GROUPS if g in f}}
+    record_tails(f, {f"{group}/{name}": n for group, n in rows.items() for name in f[group]})
     f.attrs.update(counts)
     img["done"][image_idx] = True
     f.flush()
@@ -289,12 +316,47 @@ def open_partial_for_resume(path: Path, expected_hash: str, required_group: str 
             reason = "it is not a usable partial store"
         elif f.attrs.get("config_hash") == expected_hash:
             trim_to_committed(f)
+            _check_tails(f)
             return f
     except (OSError, KeyError, ValueError):
         reason = "it is damaged"
-    f.close()
+    try:
+        f.close()
+    except OSError:  # a torn file may fail to flush on close as well
+        pass
     _discard_partial(part, reason, warn)
     return None
+
+
+def _tail_digest(ds: h5py.Dataset, n: int) -> str:
+    """sha256 of rows ``[start of the chunk holding row n-1, n)``: the committed rows that share a
+    chunk with rows written after the commit."""
+    start = (n // ds.chunks[0]) * ds.chunks[0] if ds.chunks else n
+    return hashlib.sha256(np.ascontiguousarray(ds[start:n]).tobytes()).hexdigest()
+
+
+def record_tails(f: h5py.File, committed: dict[str, int]) -> None:
+    """Remember the committed rows of each partly filled last chunk (call just before a commit).
+
+    Why: HDF5 rewrites a compressed chunk elsewhere in the file when rows are added to it, and
+    may hand the old place to another chunk. A process killed before the next flush can then
+    leave the index pointing at someone else's pixels, which decode without any error. On resume,
+    :func:`open_partial_for_resume` compares these digests and discards a file they disagree with.
+
+    Args:
+        f: the open partial store.
+        committed: dataset path -> number of committed rows.
+    """
+    f.attrs["tail_check_json"] = json.dumps(
+        {name: [n, _tail_digest(f[name], n)] for name, n in sorted(committed.items())})
+
+
+def _check_tails(f: h5py.File) -> None:
+    """Raise OSError if a committed chunk no longer holds what :func:`record_tails` saw."""
+    recorded = json.loads(f.attrs.get("tail_check_json", "{}"))
+    for name, (n, digest) in recorded.items():
+        if name not in f or f[name].shape[0] < n or _tail_digest(f[name], n) != digest:
+            raise OSError(f"committed rows of {name} were damaged by an interruption")
 
 
 def _discard_partial(part: Path, reason: str, warn: Callable[[str], None] | None) -> None:
@@ -346,9 +408,7 @@ def create_derived_partial(src: "PatchStore", path: Path, *, compression: str, a
         The open ``h5py.File`` (mode ``w``).
     """
     kwargs = _compression_kwargs(compression)
-    part = partial_path(path)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    f = h5py.File(part, "w")
+    f = open_new_partial(path)
     try:
         with h5py.File(src.path, "r") as s:
             f.attrs.update(dict(s.attrs))

@@ -322,9 +322,11 @@ class _Trainer:
             s.best_f1 = -1.0 if f1 is None else float(f1)
             s.best_epoch, s.best_threshold = epoch, float(val["threshold"])
         ck = self.checkpoint(val["threshold"], f1)
-        self.run.save_checkpoint("last", ck)
+        # last.pt commits the epoch, so it goes last: a kill between the two saves then resumes from
+        # the previous epoch and redoes this one, instead of leaving best.pt an epoch behind.
         if improved:
             self.run.save_checkpoint("best", ck)
+        self.run.save_checkpoint("last", ck)
         self.reporter.log(_epoch_line(row, improved))
         return row
 
