@@ -220,6 +220,30 @@ def peer_guard(resume_hint: str | None = None):
         raise
 
 
+class SilentReporter:
+    """The reporter of ranks other than 0: they would only repeat rank 0's lines."""
+
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int = 1, **metrics: float) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+
+def rank_reporter(reporter):
+    """``reporter`` on rank 0, a :class:`SilentReporter` on the others."""
+    return reporter if current().is_main else SilentReporter()
+
+
 # --------------------------------------------------------------------------------------------
 # Collectives (all no-ops in a single process)
 # --------------------------------------------------------------------------------------------
@@ -288,6 +312,9 @@ def on_main(fn: Callable[[], Any]) -> Any:
         return fn()
     outcome: tuple[str, Any]
     error: BaseException | None = None
+    # Everyone arrives first: a rank still reading what fn is about to change (e.g. checking
+    # that a run folder is empty) must be done before rank 0 changes it.
+    barrier()
     if ctx.is_main:
         try:
             outcome = ("ok", fn())

@@ -117,7 +117,7 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
     from uts_cli.plots import plot_history
 
     # Only rank 0 reports: the others would repeat the same lines.
-    reporter = (reporter or NullReporter()) if ctx.is_main else NullReporter()
+    reporter = distributed.rank_reporter(reporter or NullReporter())
     t0 = time.monotonic()
     # Recorded absolute, so `eval` and `distill` find the store from any working directory.
     cfg = dataclasses.replace(cfg, store=Path(cfg.store).resolve())
