@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -53,6 +55,9 @@ class DistContext:
 
 SINGLE = DistContext()
 _CURRENT: DistContext = SINGLE
+# Set once a partner is known to be lost: the SIGTERM torchrun then sends must not kill this
+# process before it has said why it stops.
+_FAILING = False
 
 
 class PeerLost(ResourceError):
@@ -169,16 +174,32 @@ def session(device_spec: str = "auto") -> Iterator[tuple[DistContext, Any]]:
                                  "node can reach it") from None
     _CURRENT = DistContext(ctx.rank, ctx.world_size, ctx.local_rank, backend)
     clean = False
+    previous = _install_sigterm()
     try:
         yield _CURRENT, device
         clean = True
     finally:
         _CURRENT = SINGLE
+        if previous is not None and not _FAILING:
+            signal.signal(signal.SIGTERM, previous)
         # After a lost partner the group may be unusable and destroying it can block: the
         # process is about to exit anyway.
         if clean:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Outside the training loop (which votes on it), SIGTERM stops like Ctrl-C; once a partner
+    # is lost it is ignored, so the error reaches the user (torchrun's SIGKILL follows anyway).
+    if not _FAILING:
+        raise KeyboardInterrupt
+
+
+def _install_sigterm():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -199,7 +220,9 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 
 def peer_lost(exc: BaseException, ctx: DistContext | None = None, resume_hint: str | None = None) -> PeerLost:
-    """The user-facing error for a failed collective."""
+    """The user-facing error for a failed collective (from now on SIGTERM is not fatal, see :func:`session`)."""
+    global _FAILING
+    _FAILING = True
     ctx = ctx or current()
     return PeerLost(f"rank {ctx.rank} of {ctx.world_size} lost its partners (another process died "
                     f"or was stopped): {_first_line(exc)}",

@@ -131,8 +131,10 @@ def test_killed_rank_stops_the_others_and_the_run_resumes(tiny_store, tmp_path):
             proc.kill()
     assert waited < 60, waited
     assert proc.returncode != 0
-    # torchrun names the rank that died; no worker is left behind.
-    assert "exitcode  : -9" in out and "SIGKILL" in out or "Signal 9" in out, out[-3000:]
+    # torchrun names the rank that died, the survivor says why it stops; no worker is left behind.
+    assert "exitcode  : -9" in out and "SIGKILL" in out, out[-3000:]
+    assert "Error: rank 0 of 2 lost its partners" in out and "--resume" in out, out[-3000:]
+    assert json.loads((runs / "k" / "metrics.json").read_text())["status"] == "failed"
     assert not _rank_pids(proc.pid)
     # The last checkpoint is whole, and the run resumes (in one process: another world size).
     r = CliRunner().invoke(app, ["teach", str(tiny_store), "--name", "k", "--runs-dir", str(runs), "--epochs", "3",

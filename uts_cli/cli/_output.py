@@ -167,10 +167,13 @@ def _report_error(command: str, exc: UtsError, as_json: bool) -> None:
     rank = os.environ.get("RANK")
     if rank not in (None, "", "0") and os.environ.get("WORLD_SIZE", "1") != "1":
         exc = type(exc)(f"rank {rank}: {exc.message}", hint=exc.hint)
+    from rich.markup import escape
+
     console = err_console()
-    console.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+    # Messages quote paths and library errors, which may hold "[...]" (gloo's "[.../pair.cc:545]").
+    console.print(f"[bold red]Error:[/] {escape(exc.message)}", markup=True, highlight=False, soft_wrap=True)
     if exc.hint:
-        console.print(f"[bold]Hint:[/] {exc.hint}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[bold]Hint:[/] {escape(exc.hint)}", markup=True, highlight=False, soft_wrap=True)
     if as_json:
         emit_json({"ok": False, "command": command,
                    "error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,

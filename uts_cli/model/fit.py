@@ -485,11 +485,19 @@ def fit(model: CamNet, store: PatchStore, train_indices: Sequence[int], val_indi
                               hint="rerun the same command with --resume to continue")
             exc.mirrored = not dist_ctx.is_main  # type: ignore[attr-defined]  # rank 0 reports it
             raise exc from None
-        except distributed.PeerLost:
+        except Exception as exc:
+            # Caught here, before the signal handlers are restored: torchrun's SIGTERM to the
+            # survivors must not cut the message short.
+            lost = exc if isinstance(exc, distributed.PeerLost) else None
+            if lost is None and dist_ctx.enabled and distributed.is_peer_failure(exc):
+                lost = distributed.peer_lost(exc, resume_hint=f"rerun the same command with --resume to "
+                                                              f"continue from {run.checkpoint_path('last')}")
+            if lost is None:
+                raise
             if dist_ctx.is_main:
                 with contextlib.suppress(Exception):  # best effort: the partners are gone
                     run.write_metrics(trainer.metrics("failed"))
-            raise
+            raise lost from None
 
     distributed.on_main(lambda: run.write_metrics(trainer.metrics("complete")))
     history = distributed.on_main(run.read_history)
