@@ -153,8 +153,6 @@ def bare_forward(dev, arch, n_blocks, batch, patch, steps, warmup) -> float:
 
 def loader_alone(store: Path, dev, batch, steps, workers) -> float:
     """Samples/s of the training loader: uint8 batches read, pinned and copied to the device."""
-    import numpy as np
-
     from uts_cli.data import batch_to_device, make_train_loader
     from uts_cli.io.store import PatchStore
 
@@ -171,7 +169,6 @@ def loader_alone(store: Path, dev, batch, steps, workers) -> float:
         elif i > 1:
             n += len(b.labels)
     _sync(dev)
-    del np
     return n / (time.perf_counter() - t0)
 
 
