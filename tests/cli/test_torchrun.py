@@ -161,3 +161,31 @@ def test_sigterm_stops_every_rank_together_and_saves(tiny_store, tmp_path):
     assert metrics["status"] == "interrupted", out[-3000:]
     assert out.count("Error: training interrupted") == 1, out[-3000:]
     assert "--resume" in out
+
+
+@pytest.mark.slow
+def test_distill_under_torchrun_scores_like_one_process(tiny_store, tmp_path):
+    import numpy as np
+
+    runs = tmp_path / "runs"
+    r = CliRunner().invoke(app, ["teach", str(tiny_store), "--name", "t", "--runs-dir", str(runs), "--epochs", "1",
+                                 *COMMON], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    # --pseudolabel relabels instead of removing, so even this weak teacher leaves a student to train.
+    args = ["distill", "--teacher", "t", "--runs-dir", str(runs), "--pseudolabel", "--epochs", "1",
+            "--workers", "0", "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--name", "s1"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    p = subprocess.run(_torchrun(2, *args, "--name", "s2"), capture_output=True, text=True, env=_env(), timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = np.load(runs / "s1" / "distill" / "teacher_scores.npz")
+    b = np.load(runs / "s2" / "distill" / "teacher_scores.npz")
+    for key in a.files:
+        if a[key].dtype.kind == "f":
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for name in ("kept_train.npy", "kept_val.npy"):
+        np.testing.assert_array_equal(np.load(runs / "s1" / "distill" / name), np.load(runs / "s2" / "distill" / name))
+    assert json.loads((runs / "s2" / "metrics.json").read_text())["status"] == "complete"
+    assert json.loads((runs / "s2" / "config.json").read_text())["distributed"]["world_size"] == 2
