@@ -163,6 +163,7 @@ class _Trainer:
         self.state = _State()
         self.flag = {"set": False}
         self.dist = distributed.current()
+        self.loss_weight = 1.0  # set per step in distributed runs (see train_epoch)
 
         model.to(device)
         if self.channels_last:
@@ -225,8 +226,8 @@ class _Trainer:
             self.run.truncate_history(self.state.epoch)
 
     # -- one step ------------------------------------------------------------------------------
-    def train_step(self, batch, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """One optimisation step; ``weight`` scales the loss that is back-propagated (not the one returned)."""
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One optimisation step; ``self.loss_weight`` scales the loss back-propagated (not the one returned)."""
         p = self.params
         b = batch_to_device(batch, self.device)
         points, mask, labels = b.points, b.mask, b.labels
@@ -247,6 +248,7 @@ class _Trainer:
                                    p.temperature, p.margin, p.tlb)
             loss = loss + p.alpha_location * loc
         self.optimizer.zero_grad(set_to_none=True)
+        weight = self.loss_weight
         self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -296,10 +298,10 @@ class _Trainer:
 
         try:
             for batch in self.loader:
-                weight = 1.0
                 if world > 1:
-                    weight = len(batch.labels) * world / global_sizes[s.step_in_epoch - (n_steps - len(global_sizes))]
-                loss, ce, loc, n = self.train_step(batch, weight)
+                    done = s.step_in_epoch - (n_steps - len(global_sizes))
+                    self.loss_weight = len(batch.labels) * world / global_sizes[done]
+                loss, ce, loc, n = self.train_step(batch)
                 acc += torch.stack([loss, ce, loc]).double() * n
                 samples += n
                 s.step_in_epoch += 1
