@@ -43,7 +43,7 @@ def _history(run: Path) -> list[dict]:
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_store, tmp_path):
     runs = tmp_path / "runs"
-    args = ["teach", str(tiny_store), "--epochs", "1", "--runs-dir", str(runs), *COMMON]
+    args = ["teach", str(tiny_store), "--epochs", "1", "--steps-per-epoch", "3", "--runs-dir", str(runs), *COMMON]
     r = CliRunner().invoke(app, [*args, "--name", "one"], env=ENV)
     assert r.exit_code == 0, r.stderr
     p = subprocess.run(_torchrun(2, *args, "--name", "two", "--json"), capture_output=True, text=True,
@@ -74,7 +74,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_store, tmp_path
 
     # The checkpoint of the 2-process run resumes in one process.
     r = CliRunner().invoke(app, ["teach", str(tiny_store), "--name", "two", "--runs-dir", str(runs), "--epochs", "2",
-                                 "--resume", *COMMON, "--json"], env=ENV)
+                                 "--steps-per-epoch", "3", "--resume", *COMMON, "--json"], env=ENV)
     assert r.exit_code == 0, r.stderr
     assert [int(row["epoch"]) for row in _history(two)] == [1, 2]
 
