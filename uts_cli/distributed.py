@@ -173,18 +173,16 @@ def session(device_spec: str = "auto") -> Iterator[tuple[DistContext, Any]]:
                             hint="check MASTER_ADDR/MASTER_PORT or --rdzv-endpoint, and that every "
                                  "node can reach it") from None
     _CURRENT = DistContext(ctx.rank, ctx.world_size, ctx.local_rank, backend)
-    clean = False
     previous = _install_sigterm()
     try:
         yield _CURRENT, device
-        clean = True
     finally:
         _CURRENT = SINGLE
         if previous is not None and not _FAILING:
             signal.signal(signal.SIGTERM, previous)
         # After a lost partner the group may be unusable and destroying it can block: the
         # process is about to exit anyway.
-        if clean:
+        if not _FAILING:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 
