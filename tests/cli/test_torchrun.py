@@ -189,3 +189,14 @@ def test_distill_under_torchrun_scores_like_one_process(tiny_store, tmp_path):
         np.testing.assert_array_equal(np.load(runs / "s1" / "distill" / name), np.load(runs / "s2" / "distill" / name))
     assert json.loads((runs / "s2" / "metrics.json").read_text())["status"] == "complete"
     assert json.loads((runs / "s2" / "config.json").read_text())["distributed"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_refusals_under_torchrun_are_printed_once_and_leave_no_run(tiny_store, tmp_path):
+    runs = tmp_path / "runs"
+    p = subprocess.run(_torchrun(2, "teach", str(tiny_store), "--name", "sb", "--runs-dir", str(runs), "--epochs", "1",
+                                 "--sync-bn", *COMMON), capture_output=True, text=True, env=_env(), timeout=240)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert out.count("Error: --sync-bn needs GPUs") == 1, out[-3000:]
+    assert not (runs / "sb").exists()

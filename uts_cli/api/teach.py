@@ -142,6 +142,10 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
 
     if cfg.sync_bn and not ctx.enabled:
         reporter.warn("--sync-bn has no effect in a single process (it matters under torchrun)")
+    if cfg.sync_bn and ctx.enabled and device.type != "cuda":
+        # Checked before the run folder exists, so a retry without the flag needs no --overwrite.
+        raise UsageError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU)",
+                         hint="drop --sync-bn, or run on CUDA devices")
     run = RunDir(resolve_run(cfg.name, cfg.runs_dir))
     if cfg.resume:
         # Every rank reads the checkpoint to resume, so the run must be on a filesystem all nodes see.
