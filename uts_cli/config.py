@@ -124,6 +124,8 @@ class TeachConfig:
         resume / overwrite: continue the run / replace it.
         use_truth: research option: train the location loss on the clean truth of a synthetic
             store instead of the annotations (an upper bound for what label noise costs).
+        sync_bn: under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm);
+            no effect in a single process.
         val_batch_size: inference batch size for validation (None = ``batch_size``).
         weight_decay: Adam weight decay (0 in the method).
         alpha_ce: weight of the image-level BCE loss.
@@ -162,6 +164,7 @@ class TeachConfig:
     resume: bool = False
     overwrite: bool = False
     use_truth: bool = False
+    sync_bn: bool = False
     # Internal to the fit loop; no flag sets them.
     val_batch_size: int | None = None
     weight_decay: float = 0.0

@@ -130,12 +130,26 @@ class BalancedBatchSampler(Sampler[list[int]]):
     replays exactly the batches of the run it continues. ``epoch_len`` (samples) cuts or extends
     an epoch: further shuffled copies are drawn as needed. A last batch of one sample is dropped
     when there are others (BatchNorm cannot train on one sample of 1x1 features).
+
+    Distributed training (``world_size > 1``): ``batch_size`` is the *global* batch. Every rank
+    draws the same global batches and takes its slice ``rank`` of ``world_size`` nearly equal
+    slices, so the ranks together train on exactly the batches of a single process, whatever
+    the number of processes, and ``skip_batches`` counts global batches (a run resumes under
+    any world size). A last global batch smaller than ``2 * world_size`` is dropped, so that no
+    rank gets fewer than two samples.
     """
 
     def __init__(self, labels: np.ndarray, batch_size: int, seed: int = 0, balance: bool = True,
-                 epoch_len: int | None = None):
+                 epoch_len: int | None = None, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise UsageError(f"batch size {batch_size} must be at least 1", hint="use e.g. --batch-size 32")
+        if world_size > 1 and batch_size < 2 * world_size:
+            raise UsageError(f"--batch-size {batch_size} is the global batch: with {world_size} processes "
+                             f"it must be at least {2 * world_size} (two samples per process)",
+                             hint=f"use --batch-size {2 * world_size} or more, or fewer processes")
+        if not 0 <= rank < max(1, world_size):
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.rank, self.world_size = int(rank), max(1, int(world_size))
         self.labels = np.asarray(labels) > 0.5
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -174,21 +188,33 @@ class BalancedBatchSampler(Sampler[list[int]]):
         copies = max(1, math.ceil(n / max(1, len(self.base))))
         return np.concatenate([rng.permutation(self.base) for _ in range(copies)])[:n]
 
-    def _batches(self) -> list[np.ndarray]:
-        order = self._order()
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            batches.pop()
-        return batches
-
-    def __len__(self) -> int:
+    def _global_sizes(self) -> list[int]:
+        """Sizes of all global batches of an epoch (before ``skip_batches``)."""
         n = len(self.base) if self.epoch_len is None else int(self.epoch_len)
         full, rest = divmod(n, self.batch_size)
-        count = full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
-        return max(0, count - self.skip_batches)
+        sizes = [self.batch_size] * full + ([rest] if rest else [])
+        smallest = 2 if self.world_size == 1 else 2 * self.world_size
+        if len(sizes) > 1 and sizes[-1] < smallest and (self.world_size > 1 or sizes[-1] == 1):
+            sizes.pop()
+        return sizes
+
+    def _batches(self) -> list[np.ndarray]:
+        order = self._order()
+        sizes = self._global_sizes()
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        return [order[starts[i]:starts[i + 1]] for i in range(len(sizes))]
+
+    def global_batch_sizes(self) -> list[int]:
+        """Global batch size of each step still to come this epoch (after ``skip_batches``)."""
+        return self._global_sizes()[self.skip_batches:]
+
+    def __len__(self) -> int:
+        return max(0, len(self._global_sizes()) - self.skip_batches)
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._batches()[self.skip_batches:]:
+            if self.world_size > 1:
+                batch = np.array_split(batch, self.world_size)[self.rank]
             yield batch.tolist()
 
 
@@ -236,7 +262,8 @@ def _loader(dataset: PatchDataset, batch_sampler: Sampler, workers: int, device:
 def make_train_loader(store: PatchStore, indices: Sequence[int], batch_size: int, seed: int,
                       workers: int, device: torch.device, balance: bool = True,
                       epoch_len: int | None = None, labels: np.ndarray | None = None,
-                      max_points: int = 8, use_truth: bool = False) -> DataLoader:
+                      max_points: int = 8, use_truth: bool = False, rank: int = 0,
+                      world_size: int = 1) -> DataLoader:
     """DataLoader of shuffled, class-balanced training batches (uint8, see :class:`PatchBatch`).
 
     Its ``batch_sampler`` is a :class:`BalancedBatchSampler`; call
@@ -254,14 +281,17 @@ def make_train_loader(store: PatchStore, indices: Sequence[int], batch_size: int
         labels: optional per-store-patch labels replacing the store's.
         max_points: padded number of points per patch.
         use_truth: points from the clean ground truth instead of the annotations.
+        rank / world_size: this process's slice of each global batch (distributed training;
+            ``batch_size`` is then the global batch, see :class:`BalancedBatchSampler`).
 
     Returns:
         The DataLoader.
     """
     dataset = PatchDataset(store, indices, max_points=max_points, use_truth=use_truth, labels=labels)
     sampler = BalancedBatchSampler(dataset.labels, batch_size, seed=seed, balance=balance,
-                                   epoch_len=epoch_len)
-    return _loader(dataset, sampler, workers, device, seed)
+                                   epoch_len=epoch_len, rank=rank, world_size=world_size)
+    # Worker seeds differ per rank (the loader's generator seeds them).
+    return _loader(dataset, sampler, workers, device, seed + 7919 * rank)
 
 
 def make_eval_loader(store: PatchStore, indices: Sequence[int], batch_size: int, workers: int,

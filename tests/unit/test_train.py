@@ -130,6 +130,31 @@ def test_stop_callback_interrupts(store, tmp_path):
     assert torch.load(RunDir(tmp_path / "run").checkpoint_path("last"), weights_only=True)["step_in_epoch"] == 2
 
 
+def test_sigterm_stops_at_the_end_of_the_step_like_ctrl_c(store, tmp_path):
+    # A scheduler's SIGTERM (Slurm preemption, scancel) saves the step instead of killing the process.
+    import os
+    import signal
+
+    def term(info):
+        if info.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def not_caught(signum, frame):  # instead of the default action, which would end pytest
+        raise AssertionError("fit did not handle SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, not_caught)
+    try:
+        run = RunDir(tmp_path / "run").create()
+        with pytest.raises(Interrupted):
+            fit(model(), store, only_one_mitosis(store), store.indices("val"), params(), run, device=CPU,
+                on_step=term)
+        assert signal.getsignal(signal.SIGTERM) is not_caught  # restored afterwards
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert torch.load(run.checkpoint_path("last"), weights_only=True)["step_in_epoch"] == 1
+    assert run.read_metrics()["status"] == "interrupted"
+
+
 def test_resume_errors(store, tmp_path):
     RunDir(tmp_path / "empty").create().write_config({})
     with pytest.raises(InputDataError, match="checkpoint not found"):

@@ -102,6 +102,34 @@ def _score_teacher(model, store: PatchStore, indices: np.ndarray, device, thresh
     return probs, tp, fp, fn, detections
 
 
+def _score_teacher_sharded(model, store: PatchStore, indices: np.ndarray, *args, **kwargs):
+    """:func:`_score_teacher` with the patches split over the ranks, the results gathered on all of them.
+
+    Every rank ends with the same arrays as one process scoring everything, so every rank takes
+    the same decisions and trains on the same kept set.
+    """
+    from uts_cli import distributed
+
+    ctx = distributed.current()
+    if not ctx.enabled:
+        return _score_teacher(model, store, indices, *args, **kwargs)
+    indices = np.asarray(indices, np.int64)
+    mine = distributed.shard_strided(len(indices), ctx.world_size, ctx.rank)
+    part = _score_teacher(model, store, indices[mine], *args, **kwargs) if len(mine) else None
+    parts = distributed.all_gather_object((mine, part))
+    probs = np.zeros(len(indices), np.float32)
+    tp, fp, fn = (np.zeros(len(indices), np.int64) for _ in range(3))
+    detections: dict[int, np.ndarray] = {}
+    for pos, res in parts:
+        if res is None:
+            continue
+        probs[pos], tp[pos], fp[pos], fn[pos] = res[0], res[1], res[2], res[3]
+        detections.update(res[4])
+    # In index order, as a single process inserts them (the saved scores file is then the same).
+    detections = {int(k): detections[int(k)] for k in indices if int(k) in detections}
+    return probs, tp, fp, fn, detections
+
+
 def _removed_rows(store: PatchStore, indices, probs, decision, detections, split_name):
     rows, features = [], []
     from uts_cli.io.export import point_feature
@@ -276,12 +304,24 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
             with filter settings that differ from those the student was trained with.
         InputDataError: the teacher run is missing/incomplete, or too few samples are kept.
         ResourceError: the device is unavailable, or the disk is full.
+
+    Under torchrun the teacher's scoring is split over the processes and the student trains
+    with DistributedDataParallel; rank 0 writes every file.
     """
+    from uts_cli import distributed
+
+    with distributed.session(cfg.device) as (_, device):
+        with distributed.peer_guard():
+            return _distill(cfg, reporter, device)
+
+
+def _distill(cfg: DistillConfig, reporter: Reporter | None, device) -> DistillResult:
+    from uts_cli import distributed
     from uts_cli.api.teach import train_run
     from uts_cli.data import only_one_mitosis
-    from uts_cli.devices import resolve_device
 
-    reporter = reporter or NullReporter()
+    on_main = distributed.on_main
+    reporter = distributed.rank_reporter(reporter or NullReporter())
     t0 = time.monotonic()
     _check_options(cfg)
     teacher_dir = resolve_run(cfg.teacher, cfg.runs_dir)
@@ -306,7 +346,6 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
         name=cfg.name, runs_dir=Path(cfg.runs_dir), resume=cfg.resume, overwrite=cfg.overwrite,
         device=cfg.device, workers=cfg.workers)
     store = PatchStore(student_cfg.store)
-    device = resolve_device(cfg.device)
 
     train_idx = store.indices("train")
     if student_cfg.only_one_mitosis:
@@ -326,8 +365,8 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
             raise UsageError(f"{student.path} is not a student run of `uts distill`",
                              hint="choose another --name, or --overwrite it")
     else:
-        student.create(overwrite=cfg.overwrite)
-    log = RunLogReporter(reporter, student)
+        on_main(lambda: student.create(overwrite=cfg.overwrite))
+    log = RunLogReporter(reporter, student) if distributed.current().is_main else reporter
     out_dir = student.path / "distill"
     scores_path = out_dir / SCORES_FILE
     trained = student.has_checkpoint("last")
@@ -361,23 +400,28 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
             if len(idx) == 0:
                 scores[split] = None
                 continue
-            probs, tp, fp, fn, dets = _score_teacher(teacher, store, idx, device, threshold, pixel_threshold,
-                                                     cfg.radius_px, batch, amp, cfg.workers, log)
+            probs, tp, fp, fn, dets = _score_teacher_sharded(teacher, store, idx, device, threshold,
+                                                             pixel_threshold, cfg.radius_px, batch, amp,
+                                                             cfg.workers, log)
             scores[split] = _Scores(np.asarray(idx, np.int64), probs, tp, fp, fn, dets)
         del teacher
     if not decisions:
         for split, sc in scores.items():
             decisions[split] = None if sc is None else decide(
                 store.label[sc.indices], sc.probs, threshold, sc.tp, sc.fp, sc.fn, cfg.criterion, cfg.pseudolabel)
-        _save_scores(scores_path, {"score": score_key, "decision": decision_key}, scores, decisions)
+        on_main(lambda: _save_scores(scores_path, {"score": score_key, "decision": decision_key}, scores,
+                                     decisions))
 
     def kept(split: str) -> np.ndarray:
         sc, d = scores.get(split), decisions.get(split)
         return sc.indices[d.keep] if sc is not None and d is not None else np.zeros(0, np.int64)
 
     kept_train, kept_val = kept("train"), kept("val")
-    atomic_write(out_dir / "kept_train.npy", lambda f: np.save(f, kept_train))
-    atomic_write(out_dir / "kept_val.npy", lambda f: np.save(f, kept_val))
+    def write_kept() -> None:
+        atomic_write(out_dir / "kept_train.npy", lambda f: np.save(f, kept_train))
+        atomic_write(out_dir / "kept_val.npy", lambda f: np.save(f, kept_val))
+
+    on_main(write_kept)
     labels = None
     if cfg.pseudolabel:
         labels = store.label.copy()
@@ -408,7 +452,7 @@ def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResu
                "removed_true_mitoses": real, "store_uuid": store.uuid,
                "teacher_checkpoint_sha256": score_key["teacher_checkpoint_sha256"]}
     # Written before training: the review must not depend on the student finishing.
-    _write_review(out_dir, rows, features, summary)
+    on_main(lambda: _write_review(out_dir, rows, features, summary))
     log.log(f"distill: kept {len(kept_train)} of {len(train_idx)} training and {len(kept_val)} of "
             f"{len(val_idx)} validation patches; review files in {out_dir}")
 

@@ -72,6 +72,10 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
               extra_config: dict | None = None, command: str = "teach", prepared: bool = False) -> TeachResult:
     """Train one CAM network into ``cfg.runs_dir / cfg.name`` and record what later commands need.
 
+    Under torchrun every process calls this; they train one DistributedDataParallel model
+    (``cfg.batch_size`` is the global batch) and rank 0 alone writes the run folder. Every rank
+    returns the same result.
+
     Args:
         cfg: model, optimisation and run options.
         reporter: progress sink.
@@ -91,18 +95,29 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
         InputDataError: bad store, nothing to train on, or a damaged run to resume.
         ResourceError: the device is unavailable or weights cannot be had offline.
     """
+    from uts_cli import distributed
+
+    with distributed.session(cfg.device) as (ctx, device):
+        with distributed.peer_guard():
+            return _train_run(cfg, reporter, ctx, device, train_indices=train_indices, val_indices=val_indices,
+                              labels=labels, extra_config=extra_config, command=command, prepared=prepared)
+
+
+def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, train_indices, val_indices, labels,
+               extra_config, command, prepared) -> TeachResult:
     import torch
 
-    from uts_cli import __version__
+    from uts_cli import __version__, distributed
     from uts_cli.data import only_one_mitosis
-    from uts_cli.devices import device_summary, resolve_device
+    from uts_cli.devices import device_summary
     from uts_cli.io.rundir import RunDir
     from uts_cli.model.cam import CamNet, load_backbone_weights
     from uts_cli.model.predict import load_run_model
     from uts_cli.model.fit import fit
     from uts_cli.plots import plot_history
 
-    reporter = reporter or NullReporter()
+    # Only rank 0 reports: the others would repeat the same lines.
+    reporter = distributed.rank_reporter(reporter or NullReporter())
     t0 = time.monotonic()
     # Recorded absolute, so `eval` and `distill` find the store from any working directory.
     cfg = dataclasses.replace(cfg, store=Path(cfg.store).resolve())
@@ -112,7 +127,6 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     if cfg.use_truth and not store.has_truth:
         raise UsageError(f"--use-truth needs a store with a clean truth; {store.path} has none",
                          hint="use a synthetic store (uts prepare synthetic), or drop --use-truth")
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
 
@@ -126,23 +140,44 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
         raise InputDataError(f"no training patches in {store.path}",
                              hint="check the store's splits (uts prepare --splits) or use another store")
 
+    if cfg.sync_bn and not ctx.enabled:
+        reporter.warn("--sync-bn has no effect in a single process (it matters under torchrun)")
+    if cfg.sync_bn and ctx.enabled and device.type != "cuda":
+        # Checked before the run folder exists, so a retry without the flag needs no --overwrite.
+        raise UsageError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU)",
+                         hint="drop --sync-bn, or run on CUDA devices")
     run = RunDir(resolve_run(cfg.name, cfg.runs_dir))
+    env = {**collect_env(device), **({"world_size": ctx.world_size} if ctx.enabled else {})}
     resuming = cfg.resume and run.has_checkpoint("last")
     if cfg.resume and not resuming:
         # Killed before its first checkpoint (or before its folder existed): nothing to resume,
         # so start from the beginning.
         reporter.log(f"no checkpoint to resume in {run.path}; starting the run from the beginning")
-        run.restart()
+
+        def restart() -> None:
+            run.restart()
+            run.write_env(env)
+
+        distributed.on_main(restart)
     elif resuming:
+        # Every rank reads the checkpoint to resume, so the run must be on a filesystem all nodes see.
         run.open_existing()
         check_schema_version(run.read_config(), run.config_path)
-    elif not prepared:
-        run.create(overwrite=cfg.overwrite)
-    # Every run records what it ran on and keeps a plain-text log of what it reported.
-    run.write_env(collect_env(device))
-    reporter = RunLogReporter(reporter, run)
-    reporter.log(f"{command} {'resumed' if cfg.resume else 'started'}: run {run.path}, store {cfg.store}, "
-                 f"device {device}")
+    else:
+        def create() -> None:
+            if not prepared:
+                run.create(overwrite=cfg.overwrite)
+            # Every run records what it ran on and keeps a plain-text log of what it reported.
+            run.write_env(env)
+
+        distributed.on_main(create)
+    if resuming and ctx.is_main:
+        run.write_env(env)
+    if ctx.is_main:
+        reporter = RunLogReporter(reporter, run)
+    where = f", {ctx.world_size} processes ({ctx.backend})" if ctx.enabled else ""
+    reporter.log(f"{command} {'resumed' if resuming else 'started'}: run {run.path}, store {cfg.store}, "
+                 f"device {device}{where}")
     model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
                    input_norm=cfg.input_norm)
     if not resuming:
@@ -161,23 +196,28 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     fit_result = fit(model.to(device), store, train_indices, val_indices, cfg, run, device=device,
                      reporter=reporter, labels=labels, resume=resuming, run_config=run_config)
 
-    # The checkpoint holds the image-level threshold chosen on val at the best epoch.
-    best_model, info = load_run_model(run, "best", device)
-    threshold = float(info["threshold"])
-    pixel_threshold, pixel_f1 = threshold, None
-    if cfg.pixel_threshold == "localization" and len(val_indices):
-        pixel_threshold, pixel_f1 = choose_pixel_threshold(
-            best_model, store, np.asarray(val_indices), device, batch_size=cfg.batch_size, amp=cfg.amp,
-            radius_px=DEFAULT_RADIUS_PX, reporter=reporter)
-    config = run.read_config()
-    config.update({"threshold": threshold, "pixel_threshold": pixel_threshold,
-                   "pixel_threshold_mode": cfg.pixel_threshold, "pixel_threshold_val_f1": pixel_f1,
-                   "best_epoch": fit_result.best_epoch})
-    run.write_config(config)
-    try:
-        plot_history(run.history_path, run.path / "history.png")
-    except Exception as exc:  # a missing plot must not fail a finished training
-        reporter.warn(f"could not draw the training curve: {exc}")
+    def finish() -> tuple[float, float, float | None]:
+        # The checkpoint holds the image-level threshold chosen on val at the best epoch.
+        best_model, info = load_run_model(run, "best", device)
+        threshold = float(info["threshold"])
+        pixel_threshold, pixel_f1 = threshold, None
+        if cfg.pixel_threshold == "localization" and len(val_indices):
+            pixel_threshold, pixel_f1 = choose_pixel_threshold(
+                best_model, store, np.asarray(val_indices), device, batch_size=cfg.batch_size, amp=cfg.amp,
+                radius_px=DEFAULT_RADIUS_PX, reporter=reporter)
+        config = run.read_config()
+        config.update({"threshold": threshold, "pixel_threshold": pixel_threshold,
+                       "pixel_threshold_mode": cfg.pixel_threshold, "pixel_threshold_val_f1": pixel_f1,
+                       "best_epoch": fit_result.best_epoch})
+        run.write_config(config)
+        try:
+            plot_history(run.history_path, run.path / "history.png")
+        except Exception as exc:  # a missing plot must not fail a finished training
+            reporter.warn(f"could not draw the training curve: {exc}")
+        return threshold, pixel_threshold, pixel_f1
+
+    # Rank 0 chooses the thresholds and writes them; the others wait for them.
+    threshold, pixel_threshold, pixel_f1 = distributed.on_main(finish)
     return TeachResult(
         run=run.path, status=fit_result.status, epochs_done=fit_result.epochs_done,
         best_epoch=fit_result.best_epoch, best_val_f1=fit_result.best_val_f1, threshold=threshold,

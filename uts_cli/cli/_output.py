@@ -147,11 +147,33 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     out_console().print(table)
 
 
+def _silent_rank(exc: UtsError) -> bool:
+    """Under torchrun, ranks other than 0 leave the shared errors to rank 0.
+
+    Usage and input errors (and interruptions) are the same on every rank; resource errors
+    (this rank's GPU, a lost partner) and internal errors are each rank's own and are shown.
+    """
+    rank = os.environ.get("RANK", "0")
+    if rank in ("", "0") or os.environ.get("WORLD_SIZE", "1") == "1":
+        return False
+    if getattr(exc, "mirrored", False):
+        return True
+    return exc.exit_code in (2, 3, 130)
+
+
 def _report_error(command: str, exc: UtsError, as_json: bool) -> None:
+    if _silent_rank(exc):
+        return
+    rank = os.environ.get("RANK")
+    if rank not in (None, "", "0") and os.environ.get("WORLD_SIZE", "1") != "1":
+        exc = type(exc)(f"rank {rank}: {exc.message}", hint=exc.hint)
+    from rich.markup import escape
+
     console = err_console()
-    console.print(f"[bold red]Error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+    # Messages quote paths and library errors, which may hold "[...]" (gloo's "[.../pair.cc:545]").
+    console.print(f"[bold red]Error:[/] {escape(exc.message)}", markup=True, highlight=False, soft_wrap=True)
     if exc.hint:
-        console.print(f"[bold]Hint:[/] {exc.hint}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[bold]Hint:[/] {escape(exc.hint)}", markup=True, highlight=False, soft_wrap=True)
     if as_json:
         emit_json({"ok": False, "command": command,
                    "error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,

@@ -64,6 +64,10 @@ def distill_cmd(
                         pseudolabel=pseudolabel, radius_px=radius_px, overrides=overrides, device=device,
                         workers=workers, resume=resume, overwrite=overwrite)
     result = distill(cfg, CliReporter())
+    from uts_cli.distributed import env_context
+
+    if not env_context().is_main:  # under torchrun, rank 0 prints the one result
+        return
     if json_output:
         from dataclasses import asdict
 

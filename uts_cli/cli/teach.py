@@ -17,6 +17,10 @@ EXAMPLES = """Examples (after the `uts normalize` examples; tiny settings that f
   uts teach folder-norm.h5 --name t2 --weights none --epochs 1 --steps-per-epoch 2 --lr 1e-3 --location lb
 
   uts teach local_data/stores/synthetic-p128-norm.h5 --name teacher1 --weights none --epochs 2 --steps-per-epoch 10 --batch-size 16 --resume
+
+On several GPUs (see the README's Scale section):
+
+  torchrun --nproc-per-node 4 -m uts_cli teach store.h5 --name t4 --batch-size 128
 """
 
 
@@ -48,7 +52,8 @@ def teach_cmd(
         "--input-norm", help="unit: pixels/255 (the original); imagenet: mean/std.")] = InputNorm.unit,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 10,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size.")] = 32,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Batch size; under torchrun the global batch, split over the processes.")] = 32,
     steps_per_epoch: Annotated[Optional[int], typer.Option(
         "--steps-per-epoch", min=1, help="Cap on steps per epoch (default: one balanced pass).")] = None,
     location: Annotated[Location, typer.Option(help="Location constraint on positive patches.")] = Location.none,
@@ -72,6 +77,9 @@ def teach_cmd(
         "--use-truth", help="Research: the location loss reads the store's clean truth points instead of the "
                             "annotations (synthetic stores only; labels stay the annotations'). An oracle "
                             "for measuring what noisy points cost.")] = False,
+    sync_bn: Annotated[bool, typer.Option(
+        "--sync-bn", help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm).")
+    ] = False,
     seed: SeedOpt = 0,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -89,7 +97,7 @@ def teach_cmd(
                       alpha_location=alpha_location, temperature=temperature, margin=margin, tlb=tlb,
                       augment=augment, strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,
                       steps_per_epoch=steps_per_epoch, pixel_threshold=pixel_threshold.value, amp=amp.value,
-                      use_truth=use_truth, seed=seed, workers=workers, device=device, resume=resume,
+                      use_truth=use_truth, sync_bn=sync_bn, seed=seed, workers=workers, device=device, resume=resume,
                       overwrite=overwrite)
     result = teach(cfg, CliReporter())
     render_run(result, "teach", json_output)
@@ -98,6 +106,10 @@ def teach_cmd(
 def render_run(result, command: str, json_output: bool, extra_rows: list | None = None) -> None:
     from dataclasses import asdict
 
+    from uts_cli.distributed import env_context
+
+    if not env_context().is_main:  # under torchrun, rank 0 prints the one result
+        return
     if json_output:
         emit_json({"ok": True, "command": command, **asdict(result)})
         return

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uts_cli import distributed
 from uts_cli.config import SCHEMA_VERSION, TeachConfig, to_dict
 from uts_cli.data import batch_to_device, make_eval_loader, make_train_loader
 from uts_cli.devices import AmpPolicy, configure_cpu_threads, resolve_amp
@@ -119,23 +120,30 @@ class _StopRequested(Exception):
 
 
 @contextlib.contextmanager
-def _sigint_to_flag(enabled: bool):
-    """While active, a first Ctrl-C only sets ``flag["set"]``; a second one interrupts at once."""
+def _sigint_to_flag(enabled: bool, escalate: bool = True):
+    """While active, Ctrl-C and SIGTERM only set ``flag["set"]``; a second Ctrl-C interrupts at once.
+
+    SIGTERM is how schedulers (Slurm preemption, ``scancel``) and torchrun ask a process to
+    stop, so it is treated like a first Ctrl-C. With ``escalate`` False (distributed runs) a
+    repeated signal changes nothing: torchrun forwards the terminal's Ctrl-C a second time, and
+    a rank that stopped on its own would leave its partners waiting in a collective.
+    """
     flag = {"set": False}
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
-        if flag["set"]:
+        if flag["set"] and escalate and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag["set"] = True
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class _Trainer:
@@ -154,22 +162,33 @@ class _Trainer:
         self.aug_cfg = AugmentConfig(elastic=params.strong_augmentation)
         self.state = _State()
         self.flag = {"set": False}
+        self.dist = distributed.current()
+        self.loss_weight = 1.0  # set per step in distributed runs (see train_epoch)
 
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        # self.net is what trains (the DDP wrapper when distributed); self.model is the plain
+        # network that is validated and saved.
+        self.net = distributed.wrap_model(model, device, sync_bn=params.sync_bn)
+        self.vote = distributed.StopVote(device)
+        # fused: one kernel for the whole update on CUDA, instead of about ten multi-tensor ones
+        # (the launches, not the arithmetic, are what a small model's step waits on).
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay,
+                                          fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.policy.needs_scaler)
         self.aug_gen = torch.Generator(device=device)
-        self.aug_gen.manual_seed(params.seed)
+        self.aug_gen.manual_seed(distributed.rank_seed(params.seed, self.dist.rank))
         epoch_len = None if params.steps_per_epoch is None else params.steps_per_epoch * params.batch_size
         self.loader = make_train_loader(store, self.train_indices, params.batch_size, params.seed,
                                         params.workers, device, balance=params.balance,
                                         epoch_len=epoch_len, labels=labels,
-                                        max_points=params.max_points, use_truth=params.use_truth)
+                                        max_points=params.max_points, use_truth=params.use_truth,
+                                        rank=self.dist.rank, world_size=self.dist.world_size)
         self.sampler = self.loader.batch_sampler
         self.val_loader = None
-        if len(self.val_indices):
+        # Validation runs on rank 0 (the others wait for its result).
+        if len(self.val_indices) and self.dist.is_main:
             self.val_loader = make_eval_loader(store, self.val_indices,
                                                params.val_batch_size or params.batch_size,
                                                params.workers, device, labels=labels)
@@ -197,13 +216,18 @@ class _Trainer:
                             global_step=int(c["global_step"]), best_f1=float(c["best"]),
                             best_epoch=int(c["best_epoch"]), best_threshold=float(c["best_threshold"]),
                             sums={**_zero_sums(), **(c["sums"] or {})})
+        if self.dist.rank > 0:
+            # The checkpoint holds rank 0's augmentation stream; the others draw their own.
+            self.aug_gen.manual_seed(distributed.rank_seed(self.params.seed, self.dist.rank, self.state.global_step))
         changed = changed_options(ck.get("params", {}), self.params)
         if changed:
             self.reporter.warn(f"resuming with changed training options: {', '.join(changed)}")
-        self.run.truncate_history(self.state.epoch)
+        if self.dist.is_main:
+            self.run.truncate_history(self.state.epoch)
 
     # -- one step ------------------------------------------------------------------------------
     def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One optimisation step; ``self.loss_weight`` scales the loss back-propagated (not the one returned)."""
         p = self.params
         b = batch_to_device(batch, self.device)
         points, mask, labels = b.points, b.mask, b.labels
@@ -215,7 +239,7 @@ class _Trainer:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)  # the per-sample select may change it
         with self.policy.autocast():
-            logits, cam = self.model(x)
+            logits, cam = self.net(x)
         ce = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         loss = p.alpha_ce * ce
         loc = torch.zeros((), device=self.device)
@@ -224,13 +248,17 @@ class _Trainer:
                                    p.temperature, p.margin, p.tlb)
             loss = loss + p.alpha_location * loc
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        weight = self.loss_weight
+        self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), ce.detach(), loc.detach(), len(labels)
 
+    def wants_stop(self) -> bool:
+        return self.flag["set"] or (self.stop is not None and bool(self.stop()))
+
     def check_stop(self) -> None:
-        if self.flag["set"] or (self.stop is not None and self.stop()):
+        if self.wants_stop():
             raise _StopRequested
 
     # -- one epoch -----------------------------------------------------------------------------
@@ -247,10 +275,19 @@ class _Trainer:
         readout = _LossReadout(self.device)
         samples = 0
         t0 = time.perf_counter()
+        # DDP averages gradients over ranks; weighting each rank's mean loss by its share of the
+        # global batch makes the step that of one process on the whole batch (slices may differ by one).
+        world = self.dist.world_size
+        global_sizes = self.sampler.global_batch_sizes() if world > 1 else []
+        agreed = not self.dist.enabled  # False until the ranks have left the loop together
 
         def flush() -> None:
             nonlocal acc, samples
             vals = acc.tolist()
+            if agreed and self.dist.enabled:
+                # Every rank reaches this together, so the epoch's sums are the whole job's.
+                *vals, samples = distributed.all_reduce_sum([*vals, samples], self.device)
+                samples = int(samples)
             s.sums["loss"] += vals[0]
             s.sums["ce"] += vals[1]
             s.sums["location"] += vals[2]
@@ -261,6 +298,9 @@ class _Trainer:
 
         try:
             for batch in self.loader:
+                if world > 1:
+                    done = s.step_in_epoch - (n_steps - len(global_sizes))
+                    self.loss_weight = len(batch.labels) * world / global_sizes[done]
                 loss, ce, loc, n = self.train_step(batch)
                 acc += torch.stack([loss, ce, loc]).double() * n
                 samples += n
@@ -274,7 +314,13 @@ class _Trainer:
                 self.reporter.advance(1, **metrics)
                 if self.on_step is not None:
                     self.on_step(StepInfo(epoch, s.step_in_epoch, n_steps, s.global_step))
-                self.check_stop()
+                if not self.dist.enabled:
+                    self.check_stop()
+                elif self.vote.vote(self.wants_stop()):
+                    agreed = True
+                    raise _StopRequested
+            if self.dist.enabled:
+                agreed = True
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -298,11 +344,26 @@ class _Trainer:
         return {"val_loss": val_loss, "val_f1": choice.f1, "val_precision": choice.precision,
                 "val_recall": choice.recall, "threshold": choice.threshold}
 
+    def validate_everywhere(self) -> dict:
+        """:meth:`validate` on rank 0, its result on every rank (a stop there stops them all)."""
+        if not self.dist.enabled:
+            return self.validate()
+        val = None
+        if self.dist.is_main:
+            try:
+                val = self.validate()
+            except _StopRequested:
+                val = None
+        val = distributed.broadcast_object(val)
+        if val is None:
+            raise _StopRequested
+        return val
+
     def run_epoch(self, epoch: int) -> dict:
         t_start = time.perf_counter()
         seconds_before = self.state.sums["seconds"]
         self.train_epoch(epoch)
-        val = self.validate()
+        val = self.validate_everywhere()
         s = self.state
         n = max(1, s.sums["samples"])
         row = {
@@ -314,19 +375,23 @@ class _Trainer:
             "samples_per_s": round(s.sums["samples"] / max(s.sums["seconds"], 1e-9), 2),
             "n_train_samples": int(s.sums["samples"]),
         }
-        self.run.append_history(row)
         s.epoch, s.step_in_epoch, s.sums = epoch, 0, _zero_sums()
         f1 = val["val_f1"]
         improved = f1 is None or f1 >= s.best_f1
         if improved:
             s.best_f1 = -1.0 if f1 is None else float(f1)
             s.best_epoch, s.best_threshold = epoch, float(val["threshold"])
-        ck = self.checkpoint(val["threshold"], f1)
-        # last.pt commits the epoch, so it goes last: a kill between the two saves then resumes from
-        # the previous epoch and redoes this one, instead of leaving best.pt an epoch behind.
-        if improved:
-            self.run.save_checkpoint("best", ck)
-        self.run.save_checkpoint("last", ck)
+
+        def record() -> None:
+            self.run.append_history(row)
+            ck = self.checkpoint(val["threshold"], f1)
+            # last.pt commits the epoch, so it goes last: a kill between the two saves then resumes from
+            # the previous epoch and redoes this one, instead of leaving best.pt an epoch behind.
+            if improved:
+                self.run.save_checkpoint("best", ck)
+            self.run.save_checkpoint("last", ck)
+
+        distributed.on_main(record)  # rank 0 writes; its errors stop every rank
         self.reporter.log(_epoch_line(row, improved))
         return row
 
@@ -406,23 +471,43 @@ def fit(model: CamNet, store: PatchStore, train_indices: Sequence[int], val_indi
         config.setdefault("model", model.config())
         config.setdefault("store", {"path": str(store.path), "uuid": store.uuid, "n_patches": len(store),
                                     "n_train": int(len(train_indices)), "n_val": int(len(val_indices))})
-        run.write_config(config)
+        if trainer.dist.enabled:
+            config.setdefault("distributed", {"world_size": trainer.dist.world_size,
+                                              "backend": trainer.dist.backend})
+        distributed.on_main(lambda: run.write_config(config))
 
-    with _sigint_to_flag(handle_sigint) as flag:
+    dist_ctx = trainer.dist
+    with _sigint_to_flag(handle_sigint, escalate=not dist_ctx.enabled) as flag:
         trainer.flag = flag
         try:
             for epoch in range(trainer.state.epoch + 1, params.epochs + 1):
                 trainer.run_epoch(epoch)
-                trainer.check_stop()
+                if trainer.vote.settle(trainer.wants_stop()):
+                    raise _StopRequested
         except (KeyboardInterrupt, _StopRequested):
-            _save_interrupted(trainer)
+            distributed.on_main(lambda: _save_interrupted(trainer))
             s = trainer.state
             where = f"epoch {s.epoch + 1}, step {s.step_in_epoch}" if s.step_in_epoch else f"epoch {s.epoch}"
-            raise Interrupted(f"training interrupted after {where}; saved {run.checkpoint_path('last')}",
-                              hint="rerun the same command with --resume to continue") from None
+            exc = Interrupted(f"training interrupted after {where}; saved {run.checkpoint_path('last')}",
+                              hint="rerun the same command with --resume to continue")
+            exc.mirrored = not dist_ctx.is_main  # type: ignore[attr-defined]  # rank 0 reports it
+            raise exc from None
+        except Exception as exc:
+            # Caught here, before the signal handlers are restored: torchrun's SIGTERM to the
+            # survivors must not cut the message short.
+            lost = exc if isinstance(exc, distributed.PeerLost) else None
+            if lost is None and dist_ctx.enabled and distributed.is_peer_failure(exc):
+                lost = distributed.peer_lost(exc, resume_hint=f"rerun the same command with --resume to "
+                                                              f"continue from {run.checkpoint_path('last')}")
+            if lost is None:
+                raise
+            if dist_ctx.is_main:
+                with contextlib.suppress(Exception):  # best effort: the partners are gone
+                    run.write_metrics(trainer.metrics("failed"))
+            raise lost from None
 
-    run.write_metrics(trainer.metrics("complete"))
-    history = run.read_history()
+    distributed.on_main(lambda: run.write_metrics(trainer.metrics("complete")))
+    history = distributed.on_main(run.read_history)
     s = trainer.state
     return FitResult(status="complete", epochs_done=s.epoch, best_epoch=s.best_epoch,
                      best_val_f1=None if s.best_f1 < 0 else s.best_f1, best_threshold=s.best_threshold,
