@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from uts_cli.errors import ResourceError, UsageError, UtsError
+from uts_cli.reporting import NullReporter
 
 # Seconds a collective may wait for its partners before the group gives up. Long, because
 # rank 0 validates and writes checkpoints while the others wait; a dead partner is normally
@@ -241,17 +242,8 @@ def peer_guard(resume_hint: str | None = None):
         raise
 
 
-class SilentReporter:
+class SilentReporter(NullReporter):
     """The reporter of ranks other than 0: they would only repeat rank 0's lines."""
-
-    def start(self, description: str, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int = 1, **metrics: float) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
     def log(self, message: str) -> None:
         pass
