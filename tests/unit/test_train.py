@@ -20,7 +20,8 @@ from uts_cli.model.losses import extended_log_barrier, location_loss, soft_centr
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")
-FIELDS_COMPARED = ("epoch", "train_loss", "loss_ce", "loss_location", "val_f1", "threshold", "n_train_samples")
+FIELDS_COMPARED = ("epoch", "train_loss", "loss_ce", "loss_location", "val_f1", "threshold", "val_loc_f1",
+                   "val_loc_threshold", "n_train_samples")
 
 
 def params(**kw):
@@ -76,8 +77,13 @@ def test_fit_writes_run(store, tmp_path):
         assert ck["format"] == "uts-checkpoint" and ck["store_uuid"] == store.uuid
     last = torch.load(run.checkpoint_path("last"), weights_only=True)
     assert last["epoch"] == 2 and last["step_in_epoch"] == 0
-    best_epoch = max(hist, key=lambda r: (r["val_f1"], r["epoch"]))["epoch"]  # ties -> later epoch
+    # Default selection: the region-level localization F1 of val; both curves are in the history.
+    assert all(0 <= r["val_loc_f1"] <= 1 and 0 < r["val_loc_threshold"] < 1 for r in hist)
+    best_epoch = max(hist, key=lambda r: (r["val_loc_f1"], r["epoch"]))["epoch"]  # ties -> later epoch
     assert result.best_epoch == best_epoch
+    best = torch.load(run.checkpoint_path("best"), weights_only=True)
+    assert best["pixel_threshold"] == hist[best_epoch - 1]["val_loc_threshold"]
+    assert run.read_metrics()["monitor"] == "val_loc_f1"
     metrics = run.read_metrics()
     assert metrics["status"] == "complete" and metrics["best_epoch"] == best_epoch
     net, info = load_run_model(run, "best")
