@@ -135,7 +135,8 @@ def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indic
     metrics.update({"threshold": threshold, "pixel_threshold": pixel_threshold, "pixel_threshold_at_edge": at_edge})
     run.write_metrics(metrics)
     try:
-        plot_history(run.history_path, run.path / "history.png")
+        plot_history(run.history_path, run.path / "history.png",
+                     monitor="val_loc_f1" if cfg.select == "localization" else "val_f1")
     except Exception as exc:  # a missing plot must not fail a finished training
         reporter.warn(f"could not draw the training curve: {exc}")
     return TeachResult(
