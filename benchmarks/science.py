@@ -130,6 +130,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--criterion", default="TP", choices=FILTERS)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--teacher-only", action="store_true", help="teacher, its eval and the filter audit only")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a teacher run of this tag that finished training (resume instead of retrain)")
     parser.add_argument("--control", action="store_true",
                         help="also train a teacher for twice the epochs (the student's compute) as a control")
     for flag, (_, kind) in TEACH_FLAGS.items():
@@ -148,7 +150,9 @@ def main(argv: list[str]) -> int:
         store = demo_store(cfg)
         runs = Path(cfg.workdir) / f"runs-{args.tag}"
         tname, sname = f"teacher-s{seed}", f"student-s{seed}"
-        tres = teach(teacher_config(cfg, store, tname, runs))
+        done = runs / tname / "metrics.json"
+        reuse = args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "complete"
+        tres = teach(teacher_config(cfg, store, tname, runs, resume=reuse, overwrite=not reuse))
         models = {"teacher": _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)))}
         audits[seed] = audit_filters(runs / tname, store, args.device)
         extra = {"teacher_best_epoch": tres.best_epoch, "teacher_pixel_threshold_at_edge": tres.pixel_threshold_at_edge}

@@ -19,6 +19,26 @@ from uts_cli.reporting import NullReporter, Reporter
 
 
 
+@dataclass
+class TeachResult:
+    run: Path
+    status: str
+    epochs_done: int
+    best_epoch: int
+    best_val_f1: float | None      # best value of the selection score (see ``select``)
+    threshold: float
+    pixel_threshold: float
+    pixel_threshold_val_f1: float | None
+    pixel_threshold_at_edge: bool
+    select: str
+    n_train: int
+    n_val: int
+    device: str
+    samples_per_s: float | None
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
 def median_pixel_size(store: PatchStore) -> float | None:
     sizes = store.image_pixel_size[np.isfinite(store.image_pixel_size)]
     return float(np.median(sizes)) if len(sizes) else None
