@@ -30,6 +30,9 @@ FILTERS = ("TP", "FP", "FP_TP", "PEAK")
 MATCHING_MODES = ("one-to-one", "legacy")
 TRUTH_MODES = ("auto", "annotations", "clean")
 
+# Demo -------------------------------------------------------------------------------------
+DEMO_PROFILES = ("default", "full")
+
 # Data -------------------------------------------------------------------------------------
 SPLITS = ("train", "val", "test")
 COMPRESSIONS = ("gzip", "lzf", "none")
