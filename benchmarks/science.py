@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from uts_cli.api.demo import PROFILES, demo_store, profile_config, teacher_config
 from uts_cli.api.distill import _score_teacher, _truth_audit, distill
 from uts_cli.api.evaluate import evaluate
@@ -80,7 +78,7 @@ def audit_filters(run: Path, store_path: Path, device: str, radius: float = 30.0
         out[crit] = {"removed_noisy": rn, "removed_real": rr, "kept": int(d.keep.sum())}
     d = decide(labels, probs, threshold, tp, fp, fn, "TP", pseudolabel=True)
     rn, rr = _truth_audit(store, idx[(labels == 1) & (d.label == 0)])
-    out["pseudolabel"] = {"removed_noisy": rn, "removed_real": rr, "kept": int(len(idx))}
+    out["pseudolabel"] = {"removed_noisy": rn, "removed_real": rr, "kept": len(idx)}
     return out
 
 
