@@ -1,40 +1,85 @@
 """Teacher vs student on the synthetic dataset over several seeds (the method's claim, measured).
 
 Each seed renders its own synthetic dataset (training annotations with look-alikes marked as
-mitoses and missed mitoses; clean val/test) and runs the full demo pipeline: prepare, normalize,
-teach, distill (--filter TP), eval on the clean test truth (region level, one-to-one, 30 px).
+mitoses and missed mitoses; clean val/test) and runs the pipeline of ``uts demo``: prepare,
+normalize, teach, distill, eval on the clean test truth (region level, one-to-one, 30 px).
 
-    python benchmarks/science.py --seeds 0 1 2 --out benchmarks/results/science.md
+A *variant* is a set of training options (``--ema-decay``, ``--lr-schedule``, ...); its runs go to
+``WORKDIR/seed<N>/runs-<TAG>`` so variants share the rendered stores but not their runs. For every
+teacher the filter is audited against the clean truth: for each criterion, how many of the
+training positives whose only annotated "mitosis" is a look-alike (noisy) and how many with a
+real mitosis (real) it would remove, from one scoring pass. ``--teacher-only`` stops there (no
+student), which is how the training options are compared cheaply.
+
+    python benchmarks/science.py --seeds 0 1 2 3 4 --tag base --teacher-only
+    python benchmarks/science.py --seeds 0 1 2 --tag ema --ema-decay 0.99 --criterion PEAK --control
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from uts_cli.api.demo import DemoConfig, demo
+from uts_cli.api.demo import PROFILES, demo_store, profile_config, teacher_config
+from uts_cli.api.distill import _score_teacher, _truth_audit, distill
 from uts_cli.api.evaluate import evaluate
 from uts_cli.api.teach import teach
-from uts_cli.config import EvalConfig, TeachConfig
+from uts_cli.choices import FILTERS
+from uts_cli.config import DistillConfig, EvalConfig
+from uts_cli.distillation import decide
+
+TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
+    "--select": ("select", str), "--optimizer": ("optimizer", str), "--weight-decay": ("weight_decay", float),
+    "--lr-schedule": ("lr_schedule", str), "--warmup-epochs": ("warmup_epochs", float),
+    "--ema-decay": ("ema_decay", float), "--bn-reestimate": ("bn_reestimate", int),
+}
 
 
-def control_teacher(res, cfg: DemoConfig) -> dict:
-    """A teacher trained for the teacher's plus the student's steps, on the same store.
-
-    If the student's gain were only the extra training round, this teacher would match it.
-    """
-    runs = Path(cfg.workdir) / "runs"
-    name = f"teacher2x-s{cfg.seed}"
-    teach(TeachConfig(store=res.store, name=name, runs_dir=runs, n_blocks=cfg.n_blocks, weights="none",
-                      epochs=2 * cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size,
-                      lr=cfg.lr, pixel_threshold=cfg.pixel_threshold, seed=cfg.seed, workers=cfg.workers,
-                      device=cfg.device, overwrite=True))
-    ev = evaluate(EvalConfig(run=runs / name, split="test", device=cfg.device))
+def _region(ev) -> dict:
     return {"run": str(ev.run), "threshold": ev.threshold, "region": ev.region, "image_level": ev.image_level}
+
+
+def audit_filters(run: Path, store_path: Path, device: str, radius: float = 30.0) -> dict:
+    """What each criterion would remove from the training positives, against the clean truth.
+
+    Returns:
+        ``{"noisy": n, "real": n, "<criterion>": {"removed_noisy": .., "removed_real": .., "kept": ..}}``
+        where noisy/real count the training positives (after the at-most-one-mitosis filter) whose
+        annotation is only a look-alike / holds a real mitosis; ``pseudolabel`` counts the positives
+        relabelled negative instead.
+    """
+    from uts_cli.data import only_one_mitosis
+    from uts_cli.devices import resolve_device
+    from uts_cli.io.rundir import RunDir
+    from uts_cli.io.store import PatchStore
+    from uts_cli.model.predict import load_run_model
+    from uts_cli.reporting import NullReporter
+
+    store = PatchStore(store_path)
+    rd = RunDir(run)
+    conf = rd.read_config()
+    dev = resolve_device(device)
+    model, _ = load_run_model(rd, "best", dev)
+    idx = only_one_mitosis(store, store.indices("train"))
+    threshold = float(conf["threshold"])
+    pixel = float(conf.get("pixel_threshold", threshold))
+    probs, tp, fp, fn, _, peak = _score_teacher(model, store, idx, dev, threshold, pixel, radius, 32, "auto", 0,
+                                                NullReporter())
+    labels = store.label[idx]
+    noisy, real = _truth_audit(store, idx[labels == 1])
+    out: dict = {"noisy": noisy, "real": real}
+    for crit in FILTERS:
+        d = decide(labels, probs, threshold, tp, fp, fn, crit, peak_near=peak)
+        rn, rr = _truth_audit(store, idx[~d.keep])
+        out[crit] = {"removed_noisy": rn, "removed_real": rr, "kept": int(d.keep.sum())}
+    d = decide(labels, probs, threshold, tp, fp, fn, "TP", pseudolabel=True)
+    rn, rr = _truth_audit(store, idx[(labels == 1) & (d.label == 0)])
+    out["pseudolabel"] = {"removed_noisy": rn, "removed_real": rr, "kept": len(idx)}
+    return out
 
 
 def _fmt(values: list[float]) -> str:
@@ -43,57 +88,102 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/uts-science"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/science.md"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--criterion", default="TP")
-    parser.add_argument("--control", action="store_true",
-                        help="also train a teacher for twice the steps (the student's compute) as a control")
-    args = parser.parse_args(argv)
-
-    rows, raw = [], []
-    t0 = time.monotonic()
-    for seed in args.seeds:
-        cfg = DemoConfig(workdir=args.workdir / f"seed{seed}", seed=seed, device=args.device, criterion=args.criterion)
-        res = demo(cfg)
-        models = {"teacher": res.teacher, "student": res.student}
-        if args.control:
-            models["teacher 2x steps"] = control_teacher(res, cfg)
-        raw.append({**asdict(res), "controls": {k: v for k, v in models.items() if k.startswith("teacher 2x")}})
-        d = res.distill
-        for who, m in models.items():
-            r = m["region"]
-            rows.append({"seed": seed, "model": who, **{k: r[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")},
-                         "image_f1": m["image_level"]["f1"], "threshold": m["threshold"]})
-            if who == "student":
-                rows[-1]["kept"] = f"{d['n_train_kept']}/{d['n_train_before']}"
-                rows[-1]["removed"] = f"{d['removed_true_lookalikes']} look-alike / {d['removed_true_mitoses']} real"
-        print(json.dumps(rows[-len(models):]), flush=True)
-
-    lines = ["# Teacher vs student on the synthetic dataset", "",
-             f"Command: `python {' '.join(['benchmarks/science.py', *argv])}`  ",
-             f"Demo settings: {json.dumps({k: v for k, v in asdict(DemoConfig()).items() if k not in ('workdir', 'seed')})}  ",
-             f"Total time: {time.monotonic() - t0:.0f} s", "",
-             "Test split, clean truth, region level (fields stitched), one-to-one matching within 30 px.", "",
-             "| seed | model | precision | recall | F1 | TP | FP | FN | image F1 | pixel threshold | student kept | removed positives (truth) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def report(rows: list[dict], audits: dict, header: list[str]) -> str:
+    lines = header + ["", "Test split, clean truth, region level (fields stitched), one-to-one matching within 30 px.",
+                      "", "| seed | model | precision | recall | F1 | TP | FP | FN | image F1 | pixel threshold | student kept | removed positives (truth) |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['seed']} | {r['model']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
                      f"{r['tp']} | {r['fp']} | {r['fn']} | {r['image_f1']:.3f} | {r['threshold']:.2f} | "
                      f"{r.get('kept', '')} | {r.get('removed', '')} |")
-    lines += ["", "| model | precision | recall | F1 (mean ± sd over seeds) |", "| --- | --- | --- | --- |"]
+    lines += ["", "| model | precision | recall | F1 (mean ± sd over seeds) | seeds |", "| --- | --- | --- | --- | --- |"]
     for who in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == who]
         lines.append(f"| {who} | {_fmt([r['precision'] for r in sel])} | {_fmt([r['recall'] for r in sel])} | "
-                     f"{_fmt([r['f1'] for r in sel])} |")
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str))
-    print(text)
+                     f"{_fmt([r['f1'] for r in sel])} | {len(sel)} |")
+    if audits:
+        crits = [*FILTERS, "pseudolabel"]
+        lines += ["", "Filter audit of each teacher on its training positives (clean truth): removed noisy / all "
+                      "noisy, removed real / all real (pseudolabel: relabelled negative).", "",
+                  "| seed | " + " | ".join(crits) + " |", "| --- |" + " --- |" * len(crits)]
+        for seed, a in audits.items():
+            lines.append(f"| {seed} | " + " | ".join(
+                f"{a[c]['removed_noisy']}/{a['noisy']} noisy, {a[c]['removed_real']}/{a['real']} real" for c in crits) + " |")
+        lines += ["", "| criterion | noisy removed (mean ± sd) | real kept (mean ± sd) |", "| --- | --- | --- |"]
+        for c in crits:
+            nr = [a[c]["removed_noisy"] / max(1, a["noisy"]) for a in audits.values()]
+            rk = [1 - a[c]["removed_real"] / max(1, a["real"]) for a in audits.values()]
+            lines.append(f"| {c} | {_fmt(nr)} | {_fmt(rk)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/uts-science"))
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/science-<tag>.md")
+    parser.add_argument("--tag", default="base", help="variant name; runs go to WORKDIR/seed<N>/runs-<tag>")
+    parser.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--criterion", default="TP", choices=FILTERS)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--teacher-only", action="store_true", help="teacher, its eval and the filter audit only")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a teacher run of this tag that finished training (resume instead of retrain)")
+    parser.add_argument("--control", action="store_true",
+                        help="also train a teacher for twice the epochs (the student's compute) as a control")
+    for flag, (_, kind) in TEACH_FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None)
+    args = parser.parse_args(argv)
+    options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in TEACH_FLAGS.items()}
+    options = {k: v for k, v in options.items() if v is not None}
+    out = args.out or Path(f"benchmarks/results/science-{args.tag}.md")
+
+    rows, raw, audits = [], [], {}
+    t0 = time.monotonic()
+    for seed in args.seeds:
+        ts = time.monotonic()
+        cfg = profile_config(args.profile, workdir=args.workdir / f"seed{seed}", seed=seed, device=args.device,
+                             criterion=args.criterion, lr=args.lr, teach_options=options)
+        store = demo_store(cfg)
+        runs = Path(cfg.workdir) / f"runs-{args.tag}"
+        tname, sname = f"teacher-s{seed}", f"student-s{seed}"
+        done = runs / tname / "metrics.json"
+        reuse = args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "complete"
+        tres = teach(teacher_config(cfg, store, tname, runs, resume=reuse, overwrite=not reuse))
+        models = {"teacher": _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)))}
+        audits[seed] = audit_filters(runs / tname, store, args.device)
+        extra = {"teacher_best_epoch": tres.best_epoch, "teacher_pixel_threshold_at_edge": tres.pixel_threshold_at_edge}
+        d = None
+        if not args.teacher_only:
+            d = distill(DistillConfig(teacher=runs / tname, name=sname, runs_dir=runs, criterion=args.criterion,
+                                      device=args.device, workers=cfg.workers, overwrite=True))
+            models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)))
+        if args.control:
+            teach(teacher_config(cfg, store, f"teacher2x-s{seed}", runs, epochs=2 * cfg.epochs))
+            models["teacher 2x epochs"] = _region(evaluate(EvalConfig(run=runs / f"teacher2x-s{seed}", split="test",
+                                                                      device=args.device)))
+        for who, m in models.items():
+            r = m["region"]
+            rows.append({"seed": seed, "model": who, **{k: r[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")},
+                         "image_f1": m["image_level"]["f1"], "threshold": m["threshold"]})
+            if who == "student" and d is not None:
+                rows[-1]["kept"] = f"{d.n_train_kept}/{d.n_train_before}"
+                rows[-1]["removed"] = f"{d.removed_true_lookalikes} look-alike / {d.removed_true_mitoses} real"
+        raw.append({"seed": seed, "models": models, "audit": audits[seed], **extra, "seconds": round(time.monotonic() - ts, 1),
+                    "distill": None if d is None else {k: v for k, v in dataclasses.asdict(d).items() if k != "student"}})
+        print(json.dumps(rows[-len(models):]), flush=True)
+        # Rewritten after every seed: an unfinished study still leaves its finished seeds behind.
+        settings = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workdir", "seed", "teach_options")},
+                    **options}
+        header = ["# Teacher vs student on the synthetic dataset", "",
+                  f"Command: `python {' '.join(['benchmarks/science.py', *argv])}`  ",
+                  f"Settings: {json.dumps(settings, default=str)}  ",
+                  f"Seeds done: {[r['seed'] for r in raw]}; time so far: {time.monotonic() - t0:.0f} s"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report(rows, audits, header))
+        out.with_suffix(".json").write_text(json.dumps({"settings": settings, "seeds": raw}, indent=2, default=str))
+    print(out.read_text())
     return 0
 
 

@@ -76,6 +76,9 @@ def write_tiny_store(path: Path, *, n_images: int = 6, field: int = 128, patch: 
             draw_blob(img, y, x, 5, (60, 30, 90))
         grid = tile_grid(field, field, patch)
         owner = assign_points(pts, field, field, patch)
+        # The store expects points grouped by patch (it looks them up by binary search).
+        order = np.argsort(owner, kind="stable")
+        pts, owner = pts[order], owner[order]
         n_pts = np.bincount(owner, minlength=len(grid)).astype(np.uint16)
         local = pts - grid[owner].astype(np.float32)
         kinds = np.zeros(len(pts), np.uint8)

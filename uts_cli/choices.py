@@ -17,15 +17,21 @@ WEIGHTS_KEYWORDS = ("imagenet", "none")           # anything else given to --wei
 LOCATIONS = ("none", "l2", "lb")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 PIXEL_THRESHOLD_MODES = ("image", "localization")
+SELECT_MODES = ("localization", "image")          # what chooses best.pt: region loc. F1 / image F1
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "warmup-cosine")
 DEVICE_KEYWORDS = ("auto", "cpu", "cuda")         # plus cuda:N
 CHECKPOINT_NAMES = ("last", "best")
 
 # Distillation -----------------------------------------------------------------------------
-FILTERS = ("TP", "FP", "FP_TP")
+FILTERS = ("TP", "FP", "FP_TP", "PEAK")
 
 # Evaluation -------------------------------------------------------------------------------
 MATCHING_MODES = ("one-to-one", "legacy")
 TRUTH_MODES = ("auto", "annotations", "clean")
+
+# Demo -------------------------------------------------------------------------------------
+DEMO_PROFILES = ("default", "full")
 
 # Data -------------------------------------------------------------------------------------
 SPLITS = ("train", "val", "test")

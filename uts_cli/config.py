@@ -104,7 +104,7 @@ class TeachConfig:
         arch, n_blocks, aggregation, mode, input_norm: the CAM network (see ``uts_cli.choices``).
         weights: backbone init, ``imagenet``, ``none`` or a file.
         epochs: total epochs of the run (a resumed run continues up to this).
-        lr: Adam learning rate.
+        lr: (peak) learning rate.
         batch_size: training batch size.
         location: location constraint, ``none``, ``l2`` or ``lb``.
         alpha_location: weight of the location loss.
@@ -116,7 +116,20 @@ class TeachConfig:
         balance: class-balanced sampling.
         only_one_mitosis: train only on patches with at most one annotated mitosis.
         steps_per_epoch: cap on training steps per epoch (None = one balanced pass).
-        pixel_threshold: ``image`` (the image-level threshold) or ``localization`` (chosen on val).
+        pixel_threshold: ``localization`` (the pixel threshold with the best region-level
+            localization F1 on val, at the best epoch) or ``image`` (the image-level threshold, as
+            the original).
+        select: what chooses ``best.pt``: ``localization`` (val region-level localization F1,
+            one-to-one within ``radius_px``) or ``image`` (val image-level F1, as the original).
+        radius_px: matching radius of the validation's localization scoring, pixels.
+        optimizer: ``adam`` (the method) or ``adamw`` (decoupled weight decay).
+        lr_schedule: ``constant`` (the method) or ``warmup-cosine`` (linear warm-up over
+            ``warmup_epochs``, then cosine decay to 0 at the last step).
+        warmup_epochs: warm-up length in epochs (may be fractional).
+        ema_decay: decay of an exponential moving average of the weights, used for validation,
+            saved as the checkpoints' model and so used by eval/distill/predict (0 = off).
+        bn_reestimate: batches of unaugmented training patches (natural class mix) over which the
+            BatchNorm statistics are recomputed before each validation (0 = off).
         amp: ``auto``, ``off``, ``bf16`` or ``fp16``.
         seed: seeds sampling, augmentation and the initial weights.
         workers: DataLoader worker processes.
@@ -127,7 +140,7 @@ class TeachConfig:
         sync_bn: under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm);
             no effect in a single process.
         val_batch_size: inference batch size for validation (None = ``batch_size``).
-        weight_decay: Adam weight decay (0 in the method).
+        weight_decay: weight decay of the optimizer (0 in the method).
         alpha_ce: weight of the image-level BCE loss.
         channels_last: NHWC memory format (None = on CUDA only).
         max_points: annotated points kept per patch.
@@ -156,7 +169,15 @@ class TeachConfig:
     balance: bool = True
     only_one_mitosis: bool = True
     steps_per_epoch: int | None = None
-    pixel_threshold: str = "image"      # image (the original) | localization (chosen on val)
+    pixel_threshold: str = "localization"   # localization (chosen on val) | image (the original)
+    select: str = "localization"        # localization | image (the original)
+    radius_px: float = 30.0
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 1.0
+    ema_decay: float = 0.0
+    bn_reestimate: int = 0
     amp: str = "auto"
     seed: int = 0
     workers: int = 2
@@ -167,7 +188,6 @@ class TeachConfig:
     sync_bn: bool = False
     # Internal to the fit loop; no flag sets them.
     val_batch_size: int | None = None
-    weight_decay: float = 0.0
     alpha_ce: float = 1.0
     channels_last: bool | None = None
     max_points: int = 8
@@ -186,6 +206,14 @@ class TeachConfig:
             one_of(self.location, choices.LOCATIONS, "--location"),
             one_of(self.pixel_threshold, choices.PIXEL_THRESHOLD_MODES, "--pixel-threshold"),
             one_of(self.amp, choices.AMP_MODES, "--amp"),
+            one_of(self.select, choices.SELECT_MODES, "--select"),
+            one_of(self.optimizer, choices.OPTIMIZERS, "--optimizer"),
+            one_of(self.lr_schedule, choices.LR_SCHEDULES, "--lr-schedule"),
+            (self.radius_px > 0, "radius_px must be > 0", "use a positive --radius-px, e.g. 30"),
+            (self.weight_decay >= 0, "weight decay must be >= 0", "use --weight-decay 0 or more"),
+            (self.warmup_epochs >= 0, "warm-up must be >= 0 epochs", "use --warmup-epochs 0 or more"),
+            (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)", "use e.g. --ema-decay 0.99, or 0 for off"),
+            (self.bn_reestimate >= 0, "bn_reestimate must be >= 0", "use --bn-reestimate 0 (off) or a number of batches"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other",
              "give one of them"),
             # Otherwise the flag would be accepted and change nothing: only the location loss reads points.

@@ -5,7 +5,11 @@ removed; among the remaining positives the ``--filter`` criterion looks at local
 
 * ``TP``    drop a positive without any true-positive detection (the original's default),
 * ``FP``    drop any patch with a false-positive detection,
-* ``FP_TP`` keep only perfect positives (at least one TP, no FP, no FN).
+* ``FP_TP`` keep only perfect positives (at least one TP, no FP, no FN),
+* ``PEAK``  like ``TP``, but a positive is also kept when the peak of the teacher's CAM lies within
+  the matching radius of an annotated mitosis, even when that peak is below the pixel threshold
+  (so no detection, hence no TP, was made there). ``TP`` depends on the pixel threshold landing
+  just right; the peak's position does not.
 
 With ``pseudolabel`` nothing is removed: the labels are replaced by the teacher's decision.
 """
@@ -25,6 +29,7 @@ REASONS = {
     "no_tp": "no teacher detection on the annotated mitosis",
     "has_fp": "teacher detection away from every annotated mitosis",
     "not_perfect": "teacher localization not perfect (TP, FP and FN checked)",
+    "no_tp_peak_away": "no teacher detection on the annotated mitosis, and the CAM peak is away from it",
 }
 
 
@@ -44,7 +49,8 @@ class Decision:
 
 
 def decide(labels: np.ndarray, probs: np.ndarray, threshold: float, tp: np.ndarray, fp: np.ndarray,
-           fn: np.ndarray, criterion: str = "TP", pseudolabel: bool = False) -> Decision:
+           fn: np.ndarray, criterion: str = "TP", pseudolabel: bool = False,
+           peak_near: np.ndarray | None = None) -> Decision:
     """Apply the disagreement filter to teacher predictions.
 
     Args:
@@ -55,15 +61,20 @@ def decide(labels: np.ndarray, probs: np.ndarray, threshold: float, tp: np.ndarr
             (only read for samples that are positive in both label and prediction).
         criterion: one of ``FILTERS``.
         pseudolabel: relabel instead of removing.
+        peak_near: (N,) bool, the teacher's CAM peak lies within the matching radius of an
+            annotated mitosis (needed by ``PEAK``).
 
     Returns:
         The decision per sample.
 
     Raises:
-        UsageError: unknown criterion.
+        UsageError: unknown criterion, or ``PEAK`` without ``peak_near``.
     """
     if criterion not in FILTERS:
         raise UsageError(f"unknown filter {criterion!r}", hint=f"use one of {', '.join(FILTERS)}")
+    if criterion == "PEAK" and peak_near is None:
+        raise UsageError("the PEAK filter needs the teacher's CAM peak positions",
+                         hint="pass peak_near (score the teacher with uts distill)")
     labels = np.asarray(labels).astype(np.uint8)
     pred = (np.asarray(probs) >= threshold).astype(np.uint8)
     tp, fp, fn = (np.asarray(a) for a in (tp, fp, fn))
@@ -73,6 +84,8 @@ def decide(labels: np.ndarray, probs: np.ndarray, threshold: float, tp: np.ndarr
     both = (pred == 1) & (labels == 1)
     if criterion == "TP":
         reason[both & (tp == 0)] = "no_tp"
+    elif criterion == "PEAK":
+        reason[both & (tp == 0) & ~np.asarray(peak_near, bool)] = "no_tp_peak_away"
     elif criterion == "FP":
         reason[both & (fp > 0)] = "has_fp"
     else:

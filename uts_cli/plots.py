@@ -30,12 +30,18 @@ def _read_columns(history_csv: Path) -> dict[str, list[float | None]]:
     return {k: [num(r.get(k)) for r in rows] for k in rows[0] if k != "timestamp"}
 
 
-def plot_history(history_csv: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Draw loss (left) and validation F1/precision/recall (right) per epoch into a PNG.
+def plot_history(history_csv: str | os.PathLike, out_png: str | os.PathLike, monitor: str | None = None) -> Path:
+    """Draw loss, validation image-level F1/precision/recall and (when recorded) the region-level
+    localization F1/precision/recall with its pixel threshold, per epoch, into a PNG.
+
+    The star marks the best epoch of the localization F1 when the history has it, else of the
+    image-level F1.
 
     Args:
         history_csv: a run's ``history.csv``.
         out_png: where to write the figure (atomically).
+        monitor: the column that chose the best checkpoint (``val_loc_f1`` or ``val_f1``); None:
+            the localization F1 when recorded.
 
     Returns:
         The PNG path.
@@ -48,9 +54,11 @@ def plot_history(history_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
 
     cols = _read_columns(Path(history_csv))
     epochs = cols["epoch"]
-    fig = Figure(figsize=(9, 3.6), dpi=100)
+    has_loc = any(v is not None for v in cols.get("val_loc_f1") or [])
+    fig = Figure(figsize=(13.5 if has_loc else 9, 3.6), dpi=100)
     FigureCanvasAgg(fig)
-    ax_loss, ax_f1 = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if has_loc else 2)
+    ax_loss, ax_f1 = axes[0], axes[1]
     for key, label in (("train_loss", "train loss"), ("loss_ce", "BCE"), ("loss_location", "location"),
                        ("val_loss", "val loss")):
         _line(ax_loss, epochs, cols.get(key), label)
@@ -59,14 +67,25 @@ def plot_history(history_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
     ax_loss.set_title("loss")
     for key, label in (("val_f1", "F1"), ("val_precision", "precision"), ("val_recall", "recall")):
         _line(ax_f1, epochs, cols.get(key), label)
-    f1 = [(v, e) for v, e in zip(cols.get("val_f1") or [], epochs) if v is not None]
-    if f1:
-        best, at = max(f1, key=lambda t: (t[0], t[1]))
-        ax_f1.scatter([at], [best], marker="*", s=120, color="black", zorder=3, label=f"best {best:.3f}")
     ax_f1.set_ylim(0, 1.02)
     ax_f1.set_xlabel("epoch")
     ax_f1.set_title("validation (image level)")
-    for ax in (ax_loss, ax_f1):
+    monitor, ax_best = "val_f1", ax_f1
+    if has_loc:
+        ax_loc = axes[2]
+        for key, label in (("val_loc_f1", "F1"), ("val_loc_precision", "precision"), ("val_loc_recall", "recall"),
+                           ("val_loc_threshold", "pixel threshold")):
+            _line(ax_loc, epochs, cols.get(key), label)
+        ax_loc.set_ylim(0, 1.02)
+        ax_loc.set_xlabel("epoch")
+        ax_loc.set_title("validation (localization, region level)")
+        if monitor != "val_f1":
+            monitor, ax_best = "val_loc_f1", ax_loc
+    f1 = [(v, e) for v, e in zip(cols.get(monitor) or [], epochs) if v is not None]
+    if f1:
+        best, at = max(f1, key=lambda t: (t[0], t[1]))
+        ax_best.scatter([at], [best], marker="*", s=120, color="black", zorder=3, label=f"best {best:.3f}")
+    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

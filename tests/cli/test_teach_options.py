@@ -75,3 +75,47 @@ def test_a_run_from_a_newer_uts_is_refused_with_exit_3(tmp_path):
         assert r.exit_code == 3, (args[0], r.stderr)
         assert "config.json" in r.stderr and "upgrade uts" in r.stderr, args[0]
     assert not (runs / "s").exists()
+
+
+def test_pixel_threshold_localization_is_chosen_by_the_region_sweep(tmp_path):
+    from uts_cli.model.validate import SWEEP
+
+    store = write_tiny_store(tmp_path / "s.h5", n_images=8, with_truth=True)
+    runs = tmp_path / "runs"
+    r = _teach(store, runs, "loc", "--epochs", "2")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    cfg = json.loads((runs / "loc" / "config.json").read_text())
+    best = json.loads((runs / "loc" / "metrics.json").read_text())["best_epoch"]
+    row = [h for h in (runs / "loc" / "history.csv").read_text().splitlines()]
+    header = row[0].split(",")
+    values = dict(zip(header, row[best].split(",")))
+    # The defaults: the checkpoint chosen by the localization F1, the pixel threshold from its sweep.
+    assert cfg["config"]["select"] == "localization" and cfg["pixel_threshold_mode"] == "localization"
+    assert cfg["pixel_threshold"] in SWEEP and cfg["pixel_threshold"] == float(values["val_loc_threshold"])
+    assert cfg["pixel_threshold_val_f1"] == pytest.approx(float(values["val_loc_f1"]))
+    assert doc["pixel_threshold"] == cfg["pixel_threshold"] and doc["select"] == "localization"
+    assert isinstance(cfg["pixel_threshold_at_edge"], bool)
+    assert cfg["pixel_threshold_sweep"] == [float(SWEEP[0]), float(SWEEP[-1])]
+
+    r = _teach(store, runs, "img", "--pixel-threshold", "image", "--select", "image")
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((runs / "img" / "config.json").read_text())
+    assert cfg["pixel_threshold"] == cfg["threshold"] and cfg["pixel_threshold_at_edge"] is False
+
+
+def test_a_threshold_at_the_edge_of_the_sweep_is_reported(tmp_path, monkeypatch):
+    import uts_cli.model.fit as fit_module
+
+    real = fit_module.region_sweep
+    # A one-value sweep: whatever it picks is at its edge.
+    monkeypatch.setattr(fit_module, "region_sweep", lambda *a, **kw: real(*a, **{**kw, "thresholds": [0.5]}))
+    store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
+    runs = tmp_path / "runs"
+    r = _teach(store, runs, "edge")
+    assert r.exit_code == 0, r.stderr
+    assert "edge of the sweep" in r.stderr
+    cfg = json.loads((runs / "edge" / "config.json").read_text())
+    metrics = json.loads((runs / "edge" / "metrics.json").read_text())
+    assert cfg["pixel_threshold"] == 0.5 and cfg["pixel_threshold_at_edge"] is True
+    assert metrics["pixel_threshold_at_edge"] is True

@@ -20,7 +20,8 @@ from uts_cli.model.losses import extended_log_barrier, location_loss, soft_centr
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")
-FIELDS_COMPARED = ("epoch", "train_loss", "loss_ce", "loss_location", "val_f1", "threshold", "n_train_samples")
+FIELDS_COMPARED = ("epoch", "train_loss", "loss_ce", "loss_location", "val_f1", "threshold", "val_loc_f1",
+                   "val_loc_threshold", "n_train_samples")
 
 
 def params(**kw):
@@ -76,8 +77,13 @@ def test_fit_writes_run(store, tmp_path):
         assert ck["format"] == "uts-checkpoint" and ck["store_uuid"] == store.uuid
     last = torch.load(run.checkpoint_path("last"), weights_only=True)
     assert last["epoch"] == 2 and last["step_in_epoch"] == 0
-    best_epoch = max(hist, key=lambda r: (r["val_f1"], r["epoch"]))["epoch"]  # ties -> later epoch
+    # Default selection: the region-level localization F1 of val; both curves are in the history.
+    assert all(0 <= r["val_loc_f1"] <= 1 and 0 < r["val_loc_threshold"] < 1 for r in hist)
+    best_epoch = max(hist, key=lambda r: (r["val_loc_f1"], r["epoch"]))["epoch"]  # ties -> later epoch
     assert result.best_epoch == best_epoch
+    best = torch.load(run.checkpoint_path("best"), weights_only=True)
+    assert best["pixel_threshold"] == hist[best_epoch - 1]["val_loc_threshold"]
+    assert run.read_metrics()["monitor"] == "val_loc_f1"
     metrics = run.read_metrics()
     assert metrics["status"] == "complete" and metrics["best_epoch"] == best_epoch
     net, info = load_run_model(run, "best")
@@ -116,6 +122,43 @@ def test_ctrl_c_saves_loadable_last_and_resume_matches(store, tmp_path):
     train(store, tmp_path / "run", params(epochs=3), resume=True)
     train(store, tmp_path / "straight", params(epochs=3))
     assert_same_rows(rows(tmp_path / "run"), rows(tmp_path / "straight"))
+
+
+def test_select_image_keeps_the_original_selection(store, tmp_path):
+    result = train(store, tmp_path / "run", params(epochs=3, select="image"))
+    run = RunDir(tmp_path / "run")
+    hist = run.read_history()
+    assert result.best_epoch == max(hist, key=lambda r: (r["val_f1"], r["epoch"]))["epoch"]
+    assert run.read_metrics()["monitor"] == "val_f1"
+    assert all(r["val_loc_f1"] is not None for r in hist)   # the localization curve is still recorded
+
+
+STABLE = dict(lr_schedule="warmup-cosine", warmup_epochs=0.5, optimizer="adamw", weight_decay=0.05,
+              ema_decay=0.9, bn_reestimate=2)
+
+
+@pytest.mark.slow
+def test_stability_options_train_save_the_average_and_resume_exactly(store, tmp_path):
+    def interrupt(info):
+        if info.epoch == 2 and info.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        train(store, tmp_path / "run", params(epochs=3, **STABLE), on_step=interrupt)
+    train(store, tmp_path / "run", params(epochs=3, **STABLE), resume=True)
+    train(store, tmp_path / "straight", params(epochs=3, **STABLE))
+    assert_same_rows(rows(tmp_path / "run"), rows(tmp_path / "straight"))
+    hist = RunDir(tmp_path / "straight").read_history()
+    # Cosine decay: the lr after the last epoch is far below the peak.
+    assert hist[-1]["lr"] < 0.1 * 1e-3 and hist[0]["lr"] > hist[-1]["lr"]
+    last = torch.load(RunDir(tmp_path / "straight").checkpoint_path("last"), weights_only=True)
+    assert last["ema_updates"] == 9 and "train_model" in last
+    # eval/distill load the average ("model"), not the raw weights.
+    raw = last["train_model"]
+    key = next(k for k in last["model"] if k.endswith("weight") and last["model"][k].dtype.is_floating_point)
+    assert not torch.equal(last["model"][key], raw[key])
+    net, info = load_run_model(RunDir(tmp_path / "straight"), "last")
+    assert torch.equal(net.state_dict()[key], last["model"][key]) and info["pixel_threshold"] is not None
 
 
 def test_stop_callback_interrupts(store, tmp_path):

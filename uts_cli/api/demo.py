@@ -29,6 +29,30 @@ class DemoConfig:
     criterion: str = "TP"
     device: str = "auto"
     workers: int = 1
+    profile: str = "default"
+    # More TeachConfig fields for the teacher (the student inherits them), e.g. {"ema_decay": 0.99}.
+    teach_options: dict = field(default_factory=dict)
+
+
+# Training length per profile; `default` fits in minutes on 2 CPU cores, `full` is for figures.
+PROFILES = {
+    "default": {"patch_size": 128, "epochs": 8, "steps_per_epoch": 50, "batch_size": 32},
+    "full": {"patch_size": 256, "epochs": 10, "steps_per_epoch": 100, "batch_size": 16},
+}
+
+
+def profile_config(profile: str, **given) -> "DemoConfig":
+    """A DemoConfig with the profile's training length; ``given`` fields (not None) take precedence.
+
+    Raises:
+        UsageError: unknown profile.
+    """
+    from uts_cli.errors import UsageError
+
+    if profile not in PROFILES:
+        raise UsageError(f"unknown demo profile {profile!r}", hint=f"use one of {', '.join(PROFILES)}")
+    values = {**PROFILES[profile], **{k: v for k, v in given.items() if v is not None}}
+    return DemoConfig(profile=profile, **values)
 
 
 @dataclass
@@ -55,8 +79,6 @@ def demo(cfg: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
     """
     from uts_cli.api.distill import distill
     from uts_cli.api.evaluate import evaluate
-    from uts_cli.api.normalize import normalize
-    from uts_cli.api.prepare import prepare
     from uts_cli.api.teach import teach
     reporter = reporter or NullReporter()
     t0 = time.monotonic()
@@ -66,25 +88,11 @@ def demo(cfg: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
     def step(name: str):
         steps[name] = round(time.monotonic() - t0 - sum(steps.values()), 2)
 
-    raw = work / "stores" / f"synthetic-s{cfg.seed}-p{cfg.patch_size}.h5"
-    norm = raw.with_name(raw.stem + "-norm.h5")
-    if not _complete(raw):
-        reporter.log("1/5 prepare: rendering and tiling the synthetic dataset")
-        prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / f"synthetic-s{cfg.seed}", output=raw,
-                              patch_size=cfg.patch_size, compression="lzf", overwrite=True,
-                              dataset_options={"seed": cfg.seed}), reporter)
-    step("prepare")
-    if not _complete(norm):
-        reporter.log("2/5 normalize: histogram matching + Macenko")
-        normalize(NormalizeConfig(store=raw, output=norm, device=cfg.device, overwrite=True), reporter)
-    step("normalize")
+    norm = demo_store(cfg, reporter, step)
     runs = work / "runs"
     teacher_name, student_name = f"teacher-s{cfg.seed}", f"student-s{cfg.seed}"
     reporter.log("3/5 teach: weakly supervised teacher from random weights")
-    teach(TeachConfig(store=norm, name=teacher_name, runs_dir=runs, n_blocks=cfg.n_blocks, weights="none",
-                      epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size,
-                      lr=cfg.lr, pixel_threshold=cfg.pixel_threshold, seed=cfg.seed, workers=cfg.workers,
-                      device=cfg.device, overwrite=True), reporter)
+    teach(teacher_config(cfg, norm, teacher_name, runs), reporter)
     step("teach")
     reporter.log("4/5 distill: filter the teacher's disagreements, train the student")
     d = distill(DistillConfig(teacher=runs / teacher_name, name=student_name, runs_dir=runs,
@@ -100,6 +108,45 @@ def demo(cfg: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
     distill_summary = {k: v for k, v in d.__dict__.items() if k != "student"}
     return DemoResult(workdir=work, store=norm, teacher=results["teacher"], student=results["student"],
                       distill=distill_summary, seconds=round(time.monotonic() - t0, 2), steps=steps)
+
+
+def demo_store(cfg: DemoConfig, reporter: Reporter | None = None, step=None) -> Path:
+    """Render, tile and normalize the seed's synthetic dataset under ``cfg.workdir`` (reused when complete).
+
+    Returns:
+        The normalized store's path.
+    """
+    from uts_cli.api.normalize import normalize
+    from uts_cli.api.prepare import prepare
+
+    reporter = reporter or NullReporter()
+    work = Path(cfg.workdir)
+    raw = work / "stores" / f"synthetic-s{cfg.seed}-p{cfg.patch_size}.h5"
+    norm = raw.with_name(raw.stem + "-norm.h5")
+    if not _complete(raw):
+        reporter.log("1/5 prepare: rendering and tiling the synthetic dataset")
+        prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / f"synthetic-s{cfg.seed}", output=raw,
+                              patch_size=cfg.patch_size, compression="lzf", overwrite=True,
+                              dataset_options={"seed": cfg.seed}), reporter)
+    if step:
+        step("prepare")
+    if not _complete(norm):
+        reporter.log("2/5 normalize: histogram matching + Macenko")
+        normalize(NormalizeConfig(store=raw, output=norm, device=cfg.device, overwrite=True), reporter)
+    if step:
+        step("normalize")
+    return norm
+
+
+def teacher_config(cfg: DemoConfig, store: Path, name: str, runs: Path, **changes) -> TeachConfig:
+    """The demo's teacher settings (random init, the demo's length and lr, plus ``cfg.teach_options``)."""
+    base = dict(store=store, name=name, runs_dir=runs, n_blocks=cfg.n_blocks, weights="none",
+                epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size,
+                lr=cfg.lr, pixel_threshold=cfg.pixel_threshold, seed=cfg.seed, workers=cfg.workers,
+                device=cfg.device, overwrite=True)
+    base.update(cfg.teach_options)
+    base.update(changes)
+    return TeachConfig(**base)
 
 
 def _complete(path: Path) -> bool:

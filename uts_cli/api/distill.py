@@ -52,6 +52,7 @@ class _Scores:
     fp: np.ndarray
     fn: np.ndarray
     detections: dict[int, np.ndarray]
+    peak_near: np.ndarray | None = None   # CAM peak within the radius of an annotated mitosis
 
 
 @dataclass
@@ -83,6 +84,7 @@ def _score_teacher(model, store: PatchStore, indices: np.ndarray, device, thresh
     n = len(indices)
     probs = np.zeros(n, np.float32)
     tp, fp, fn = (np.zeros(n, np.int64) for _ in range(3))
+    peak_near = np.zeros(n, bool)
     detections: dict[int, np.ndarray] = {}
     pos = {int(k): j for j, k in enumerate(indices)}
     reporter.start("teacher scores", n)
@@ -95,11 +97,20 @@ def _score_teacher(model, store: PatchStore, indices: np.ndarray, device, thresh
             scored = score_map(cam.astype(np.float32), pixel_threshold, yx[kind == 0], radius)
             c = scored.counts
             tp[j], fp[j], fn[j] = c.tp, c.fp, c.fn
+            peak_near[j] = cam_peak_near(cam, yx[kind == 0], radius)
             if len(scored.detections):
                 detections[int(k)] = scored.detections.yx
         reporter.advance(len(batch.indices))
     reporter.finish()
-    return probs, tp, fp, fn, detections
+    return probs, tp, fp, fn, detections, peak_near
+
+
+def cam_peak_near(cam: np.ndarray, points_yx: np.ndarray, radius: float) -> bool:
+    """True when the CAM's maximum lies within ``radius`` pixels of one of ``points_yx``."""
+    if len(points_yx) == 0:
+        return False
+    peak = np.array(np.unravel_index(int(np.argmax(cam)), cam.shape), np.float32)
+    return bool((np.hypot(*(np.asarray(points_yx, np.float32) - peak).T) <= radius).any())
 
 
 def _score_teacher_sharded(model, store: PatchStore, indices: np.ndarray, *args, **kwargs):
@@ -119,15 +130,16 @@ def _score_teacher_sharded(model, store: PatchStore, indices: np.ndarray, *args,
     parts = distributed.all_gather_object((mine, part))
     probs = np.zeros(len(indices), np.float32)
     tp, fp, fn = (np.zeros(len(indices), np.int64) for _ in range(3))
+    peak_near = np.zeros(len(indices), bool)
     detections: dict[int, np.ndarray] = {}
     for pos, res in parts:
         if res is None:
             continue
-        probs[pos], tp[pos], fp[pos], fn[pos] = res[0], res[1], res[2], res[3]
+        probs[pos], tp[pos], fp[pos], fn[pos], peak_near[pos] = res[0], res[1], res[2], res[3], res[5]
         detections.update(res[4])
     # In index order, as a single process inserts them (the saved scores file is then the same).
     detections = {int(k): detections[int(k)] for k in indices if int(k) in detections}
-    return probs, tp, fp, fn, detections
+    return probs, tp, fp, fn, detections, peak_near
 
 
 def _removed_rows(store: PatchStore, indices, probs, decision, detections, split_name):
@@ -242,6 +254,7 @@ def _save_scores(path: Path, key: dict, scores: dict[str, _Scores | None],
         arrays.update({f"{split}_indices": sc.indices, f"{split}_probs": sc.probs, f"{split}_tp": sc.tp,
                        f"{split}_fp": sc.fp, f"{split}_fn": sc.fn, f"{split}_det_patch": det_patch,
                        f"{split}_det_yx": det_yx, f"{split}_keep": d.keep,
+                       f"{split}_peak_near": sc.peak_near if sc.peak_near is not None else np.zeros(0, bool),
                        f"{split}_reason": d.reason.astype(str), f"{split}_label": d.label})
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -263,8 +276,10 @@ def _load_scores(path: Path) -> tuple[dict, dict[str, _Scores | None], dict[str,
                     continue
                 det_patch, det_yx = z[f"{split}_det_patch"], z[f"{split}_det_yx"]
                 dets = {int(k): det_yx[det_patch == k] for k in np.unique(det_patch)}
+                peak = z[f"{split}_peak_near"] if f"{split}_peak_near" in z else None
                 scores[split] = _Scores(z[f"{split}_indices"], z[f"{split}_probs"], z[f"{split}_tp"],
-                                        z[f"{split}_fp"], z[f"{split}_fn"], dets)
+                                        z[f"{split}_fp"], z[f"{split}_fn"], dets,
+                                        peak if peak is not None and len(peak) == len(z[f"{split}_indices"]) else None)
                 decisions[split] = Decision(keep=z[f"{split}_keep"], reason=z[f"{split}_reason"],
                                             label=z[f"{split}_label"])
     except (OSError, ValueError, KeyError):
@@ -356,6 +371,9 @@ def _distill(cfg: DistillConfig, reporter: Reporter | None, device) -> DistillRe
     score_key = {"store_uuid": store.uuid, "teacher_checkpoint_sha256": _file_sha256(teacher_ck),
                  "threshold": threshold, "pixel_threshold": pixel_threshold, "radius_px": float(cfg.radius_px),
                  "n_train": int(len(train_idx)), "n_val": int(len(val_idx))}
+    if cfg.criterion == "PEAK":
+        # Scores saved before the CAM peaks were recorded lack them: PEAK must not reuse those.
+        score_key["peaks"] = True
     decision_key = {"criterion": cfg.criterion, "pseudolabel": bool(cfg.pseudolabel)}
 
     # The student folder exists from here on; everything below can be resumed.
@@ -400,15 +418,16 @@ def _distill(cfg: DistillConfig, reporter: Reporter | None, device) -> DistillRe
             if len(idx) == 0:
                 scores[split] = None
                 continue
-            probs, tp, fp, fn, dets = _score_teacher_sharded(teacher, store, idx, device, threshold,
-                                                             pixel_threshold, cfg.radius_px, batch, amp,
-                                                             cfg.workers, log)
-            scores[split] = _Scores(np.asarray(idx, np.int64), probs, tp, fp, fn, dets)
+            probs, tp, fp, fn, dets, peak = _score_teacher_sharded(teacher, store, idx, device, threshold,
+                                                                    pixel_threshold, cfg.radius_px, batch, amp,
+                                                                    cfg.workers, log)
+            scores[split] = _Scores(np.asarray(idx, np.int64), probs, tp, fp, fn, dets, peak)
         del teacher
     if not decisions:
         for split, sc in scores.items():
             decisions[split] = None if sc is None else decide(
-                store.label[sc.indices], sc.probs, threshold, sc.tp, sc.fp, sc.fn, cfg.criterion, cfg.pseudolabel)
+                store.label[sc.indices], sc.probs, threshold, sc.tp, sc.fp, sc.fn, cfg.criterion, cfg.pseudolabel,
+                peak_near=sc.peak_near)
         on_main(lambda: _save_scores(scores_path, {"score": score_key, "decision": decision_key}, scores,
                                      decisions))
 

@@ -17,9 +17,6 @@ from uts_cli.io.rundir import RunLogReporter, check_run_name, collect_env, resol
 from uts_cli.io.store import PatchStore
 from uts_cli.reporting import NullReporter, Reporter
 
-# Candidate pixel thresholds for --pixel-threshold localization.
-SWEEP = np.round(np.arange(0.05, 0.951, 0.05), 2)
-DEFAULT_RADIUS_PX = 30.0
 
 
 @dataclass
@@ -28,10 +25,12 @@ class TeachResult:
     status: str
     epochs_done: int
     best_epoch: int
-    best_val_f1: float | None
+    best_val_f1: float | None      # best value of the selection score (see ``select``)
     threshold: float
     pixel_threshold: float
     pixel_threshold_val_f1: float | None
+    pixel_threshold_at_edge: bool
+    select: str
     n_train: int
     n_val: int
     device: str
@@ -43,28 +42,6 @@ class TeachResult:
 def median_pixel_size(store: PatchStore) -> float | None:
     sizes = store.image_pixel_size[np.isfinite(store.image_pixel_size)]
     return float(np.median(sizes)) if len(sizes) else None
-
-
-def choose_pixel_threshold(model, store: PatchStore, indices: np.ndarray, device, *, batch_size: int,
-                           amp: str, radius_px: float, reporter: Reporter) -> tuple[float, float]:
-    """Pixel threshold with the best patch-level localization F1 on ``indices`` (validation).
-
-    Returns:
-        ``(threshold, f1)``.
-    """
-    from uts_cli.evaluation import ThresholdSweep
-    from uts_cli.model.predict import predict_patches
-
-    sweep = ThresholdSweep(SWEEP, radius_px)
-    reporter.start("pixel threshold on val", len(indices))
-    for batch in predict_patches(model, store, indices, device, batch_size=batch_size, amp=amp, want_cam=True):
-        for k, cam in zip(batch.indices, batch.cams):
-            yx, kind = store.points_for(int(k))
-            sweep.add(cam.astype(np.float32), yx[kind == 0])
-        reporter.advance(len(batch.indices))
-    reporter.finish()
-    threshold, counts = sweep.best()
-    return threshold, counts.f1
 
 
 def train_run(cfg: TeachConfig, reporter: Reporter | None = None, *, train_indices: np.ndarray | None = None,
@@ -112,8 +89,9 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
     from uts_cli.devices import device_summary
     from uts_cli.io.rundir import RunDir
     from uts_cli.model.cam import CamNet, load_backbone_weights
-    from uts_cli.model.predict import load_run_model
     from uts_cli.model.fit import fit
+    from uts_cli.model.predict import load_run_model
+    from uts_cli.model.validate import SWEEP
     from uts_cli.plots import plot_history
 
     # Only rank 0 reports: the others would repeat the same lines.
@@ -196,32 +174,44 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
     fit_result = fit(model.to(device), store, train_indices, val_indices, cfg, run, device=device,
                      reporter=reporter, labels=labels, resume=resuming, run_config=run_config)
 
-    def finish() -> tuple[float, float, float | None]:
-        # The checkpoint holds the image-level threshold chosen on val at the best epoch.
-        best_model, info = load_run_model(run, "best", device)
+    def finish() -> tuple[float, float, float | None, bool]:
+        # The best checkpoint holds both thresholds chosen on val at its epoch: the image-level one
+        # and the pixel threshold of the best region-level localization F1.
+        _, info = load_run_model(run, "best", "cpu")
         threshold = float(info["threshold"])
-        pixel_threshold, pixel_f1 = threshold, None
-        if cfg.pixel_threshold == "localization" and len(val_indices):
-            pixel_threshold, pixel_f1 = choose_pixel_threshold(
-                best_model, store, np.asarray(val_indices), device, batch_size=cfg.batch_size, amp=cfg.amp,
-                radius_px=DEFAULT_RADIUS_PX, reporter=reporter)
+        pixel_threshold, pixel_f1, at_edge = threshold, None, False
+        if cfg.pixel_threshold == "localization" and len(val_indices) and info["pixel_threshold"] is not None:
+            pixel_threshold, pixel_f1 = float(info["pixel_threshold"]), info["val_loc_f1"]
+            at_edge = bool(info["pixel_threshold_at_edge"])
+            if at_edge:
+                reporter.warn(f"the pixel threshold chosen on val ({pixel_threshold:.2f}) is at the edge of the "
+                              f"sweep ({SWEEP[0]:.2f} to {SWEEP[-1]:.2f}): localization may be degenerate "
+                              "(check history.csv and the run's val F1); recorded in config.json")
         config = run.read_config()
         config.update({"threshold": threshold, "pixel_threshold": pixel_threshold,
                        "pixel_threshold_mode": cfg.pixel_threshold, "pixel_threshold_val_f1": pixel_f1,
-                       "best_epoch": fit_result.best_epoch})
+                       "pixel_threshold_at_edge": at_edge,
+                       "pixel_threshold_sweep": [float(SWEEP[0]), float(SWEEP[-1])],
+                       "select": cfg.select, "best_epoch": fit_result.best_epoch})
         run.write_config(config)
+        metrics = run.read_metrics()
+        metrics.update({"threshold": threshold, "pixel_threshold": pixel_threshold,
+                        "pixel_threshold_at_edge": at_edge})
+        run.write_metrics(metrics)
         try:
-            plot_history(run.history_path, run.path / "history.png")
+            plot_history(run.history_path, run.path / "history.png",
+                         monitor="val_loc_f1" if cfg.select == "localization" else "val_f1")
         except Exception as exc:  # a missing plot must not fail a finished training
             reporter.warn(f"could not draw the training curve: {exc}")
-        return threshold, pixel_threshold, pixel_f1
+        return threshold, pixel_threshold, pixel_f1, at_edge
 
-    # Rank 0 chooses the thresholds and writes them; the others wait for them.
-    threshold, pixel_threshold, pixel_f1 = distributed.on_main(finish)
+    # Rank 0 reads the thresholds and writes them down; the others wait for them.
+    threshold, pixel_threshold, pixel_f1, at_edge = distributed.on_main(finish)
     return TeachResult(
         run=run.path, status=fit_result.status, epochs_done=fit_result.epochs_done,
         best_epoch=fit_result.best_epoch, best_val_f1=fit_result.best_val_f1, threshold=threshold,
-        pixel_threshold=pixel_threshold, pixel_threshold_val_f1=pixel_f1, n_train=int(len(train_indices)),
+        pixel_threshold=pixel_threshold, pixel_threshold_val_f1=pixel_f1, pixel_threshold_at_edge=at_edge,
+        select=cfg.select, n_train=int(len(train_indices)),
         n_val=int(len(val_indices)), device=str(device), samples_per_s=fit_result.samples_per_s,
         seconds=round(time.monotonic() - t0, 2), history=fit_result.history)
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from uts_cli.cli._options import DeviceOpt, JsonOpt, SeedOpt, WorkersOpt
+from uts_cli import choices
+
+from uts_cli.cli._options import DeviceOpt, JsonOpt, SeedOpt, WorkersOpt, choice_enum
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, out_console
 
 EXAMPLES = """Example (a few minutes on a CPU; the defaults take longer and score better):
@@ -16,26 +18,36 @@ EXAMPLES = """Example (a few minutes on a CPU; the defaults take longer and scor
 Full run: uts demo (on a GPU: uts demo --device cuda --epochs 10 --steps-per-epoch 100).
 """
 
+Profile = choice_enum("Profile", choices.DEMO_PROFILES)
+
 
 @cli_errors("demo")
 def demo_cmd(
     workdir: Annotated[Path, typer.Option("--workdir", help="Folder for the dataset, stores and runs.",
                                           file_okay=False)] = Path("uts-demo"),
     seed: SeedOpt = 0,
-    patch_size: Annotated[int, typer.Option("--patch-size", min=32, help="Patch side in pixels.")] = 128,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs for teacher and student.")] = 8,
-    steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch", min=1, help="Steps per epoch.")] = 50,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    profile: Annotated[Profile, typer.Option(
+        "--profile", help="default: minutes on a laptop CPU; full: longer training on 256 px patches, for "
+                          "figures (see the README for times).")] = Profile.default,
+    patch_size: Annotated[Optional[int], typer.Option(
+        "--patch-size", min=32, help="Patch side in pixels (default: the profile's, 128 or 256).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        min=1, help="Epochs for teacher and student (default: the profile's).")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option(
+        "--steps-per-epoch", min=1, help="Steps per epoch (default: the profile's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", min=1, help="Batch size (default: the profile's).")] = None,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-3,
     workers: WorkersOpt = 1,
     device: DeviceOpt = "auto",
     json_output: JsonOpt = False,
 ) -> None:
     """Run the whole method on the built-in synthetic dataset and compare teacher and student."""
-    from uts_cli.api.demo import DemoConfig, demo
+    from uts_cli.api.demo import demo, profile_config
 
-    cfg = DemoConfig(workdir=workdir, seed=seed, patch_size=patch_size, epochs=epochs,
-                     steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, device=device, workers=workers)
+    cfg = profile_config(profile.value, workdir=workdir, seed=seed, patch_size=patch_size, epochs=epochs,
+                         steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, device=device,
+                         workers=workers)
     result = demo(cfg, CliReporter())
     if json_output:
         from dataclasses import asdict
@@ -44,7 +56,7 @@ def demo_cmd(
         return
     from rich.table import Table
 
-    table = Table(title=f"UTS demo (seed {seed}): test split, clean truth, region level, one-to-one, 30 px",
+    table = Table(title=f"UTS demo (seed {seed}, profile {cfg.profile}): test split, clean truth, region level, one-to-one, 30 px",
                   title_justify="left")
     for col in ("model", "precision", "recall", "F1", "TP", "FP", "FN", "image F1"):
         table.add_column(col, justify="left" if col == "model" else "right")

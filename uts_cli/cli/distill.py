@@ -32,7 +32,8 @@ def distill_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
     criterion: Annotated[Filter, typer.Option(
         "--filter", help="TP: drop positives without a true detection; FP: drop any with a false "
-                         "detection; FP_TP: keep only perfect positives.")] = Filter.TP,
+                         "detection; FP_TP: keep only perfect positives; PEAK: like TP, but also keep a positive "
+                         "whose CAM peak lies within the radius of its annotated mitosis.")] = Filter.TP,
     pseudolabel: Annotated[bool, typer.Option(
         "--pseudolabel", help="Replace labels by the teacher's decisions instead of removing samples.")] = False,
     radius_px: Annotated[float, typer.Option("--radius-px", min=0.0, help="Matching radius in pixels.")] = 30.0,

@@ -9,6 +9,7 @@ import typer
 from uts_cli import choices
 from uts_cli.cli._options import DeviceOpt, choice_enum, JsonOpt, OverwriteOpt, SeedOpt, StoreArg, WorkersOpt
 from uts_cli.cli._output import CliReporter, cli_errors, emit_json, print_table
+from uts_cli.config import TeachConfig
 
 EXAMPLES = """Examples (after the `uts normalize` examples; tiny settings that finish in seconds):
 
@@ -31,6 +32,10 @@ Location = choice_enum("Location", choices.LOCATIONS)
 InputNorm = choice_enum("InputNorm", choices.INPUT_NORMS)
 PixelThreshold = choice_enum("PixelThreshold", choices.PIXEL_THRESHOLD_MODES)
 Amp = choice_enum("Amp", choices.AMP_MODES)
+Select = choice_enum("Select", choices.SELECT_MODES)
+Optimizer = choice_enum("Optimizer", choices.OPTIMIZERS)
+LrSchedule = choice_enum("LrSchedule", choices.LR_SCHEDULES)
+_D = TeachConfig.__dataclass_fields__  # defaults shown by --help come from the one config
 
 
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds the run folders.", file_okay=False)]
@@ -70,8 +75,33 @@ def teach_cmd(
     only_one_mitosis: Annotated[bool, typer.Option(
         "--only-one-mitosis/--all-patches", help="Train only on patches with at most one mitosis.")] = True,
     pixel_threshold: Annotated[PixelThreshold, typer.Option(
-        "--pixel-threshold", help="CAM threshold: the image-level one (original) or the best localization F1 on val.")
-    ] = PixelThreshold.image,
+        "--pixel-threshold", help="CAM threshold: the best region-level localization F1 on val, or the "
+                                  "image-level threshold (the original).")
+    ] = PixelThreshold(_D["pixel_threshold"].default),
+    select: Annotated[Select, typer.Option(
+        "--select", help="What chooses the best checkpoint: val region-level localization F1 (one-to-one "
+                         "within --radius-px), or val image-level F1 (the original).")
+    ] = Select(_D["select"].default),
+    radius_px: Annotated[float, typer.Option(
+        "--radius-px", min=0.0, help="Matching radius of the validation's localization scoring, pixels.")
+    ] = _D["radius_px"].default,
+    optimizer: Annotated[Optimizer, typer.Option(
+        "--optimizer", help="adam (the method) or adamw (decoupled weight decay).")
+    ] = Optimizer(_D["optimizer"].default),
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="Weight decay.")
+                            ] = _D["weight_decay"].default,
+    lr_schedule: Annotated[LrSchedule, typer.Option(
+        "--lr-schedule", help="constant, or warmup-cosine (linear warm-up, cosine decay to 0).")
+    ] = LrSchedule(_D["lr_schedule"].default),
+    warmup_epochs: Annotated[float, typer.Option(
+        "--warmup-epochs", min=0.0, help="Warm-up length of warmup-cosine, epochs.")] = _D["warmup_epochs"].default,
+    ema_decay: Annotated[float, typer.Option(
+        "--ema-decay", min=0.0, max=0.9999, help="EMA of the weights used for validation and saved for "
+                                                 "inference (0: off; e.g. 0.99).")] = _D["ema_decay"].default,
+    bn_reestimate: Annotated[int, typer.Option(
+        "--bn-reestimate", min=0, help="Batches of unaugmented training patches that re-estimate the "
+                                       "BatchNorm statistics before each validation (0: off).")
+    ] = _D["bn_reestimate"].default,
     amp: Annotated[Amp, typer.Option(help="Mixed precision (auto: on for CUDA).")] = Amp.auto,
     use_truth: Annotated[bool, typer.Option(
         "--use-truth", help="Research: the location loss reads the store's clean truth points instead of the "
@@ -89,7 +119,6 @@ def teach_cmd(
 ) -> None:
     """Train the teacher: a CAM network that learns from image-level labels only."""
     from uts_cli.api.teach import teach
-    from uts_cli.config import TeachConfig
 
     cfg = TeachConfig(store=store, name=name, runs_dir=runs_dir, arch=arch.value, n_blocks=n_blocks,
                       aggregation=aggregation.value, mode=mode.value, weights=weights, input_norm=input_norm.value,
@@ -97,8 +126,10 @@ def teach_cmd(
                       alpha_location=alpha_location, temperature=temperature, margin=margin, tlb=tlb,
                       augment=augment, strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,
                       steps_per_epoch=steps_per_epoch, pixel_threshold=pixel_threshold.value, amp=amp.value,
-                      use_truth=use_truth, sync_bn=sync_bn, seed=seed, workers=workers, device=device, resume=resume,
-                      overwrite=overwrite)
+                      use_truth=use_truth, sync_bn=sync_bn, seed=seed, workers=workers, device=device,
+                      resume=resume, overwrite=overwrite, select=select.value, radius_px=radius_px,
+                      optimizer=optimizer.value, weight_decay=weight_decay, lr_schedule=lr_schedule.value,
+                      warmup_epochs=warmup_epochs, ema_decay=ema_decay, bn_reestimate=bn_reestimate)
     result = teach(cfg, CliReporter())
     render_run(result, "teach", json_output)
 
@@ -115,8 +146,10 @@ def render_run(result, command: str, json_output: bool, extra_rows: list | None 
         return
     f1 = "n/a" if result.best_val_f1 is None else f"{result.best_val_f1:.3f}"
     rows = [("run", result.run), ("epochs", f"{result.epochs_done} (best {result.best_epoch})"),
-            ("val F1 (image level)", f1), ("image threshold", f"{result.threshold:.3f}"),
-            ("pixel threshold", f"{result.pixel_threshold:.3f}"),
+            ("best val F1 (" + ("localization, region level" if result.select == "localization" else "image level")
+             + ")", f1), ("image threshold", f"{result.threshold:.3f}"),
+            ("pixel threshold", f"{result.pixel_threshold:.3f}" + (" (edge of the sweep)"
+                                                                   if result.pixel_threshold_at_edge else "")),
             ("train / val patches", f"{result.n_train} / {result.n_val}"), ("device", result.device),
             ("throughput", f"{result.samples_per_s or 0:.1f} samples/s"), ("time", f"{result.seconds:.1f} s")]
     print_table(f"{command}: {result.run}", (extra_rows or []) + rows)

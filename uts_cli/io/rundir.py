@@ -28,7 +28,8 @@ from uts_cli.io.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 HISTORY_FIELDS = (
     "epoch", "train_loss", "loss_ce", "loss_location", "val_loss", "val_f1", "val_precision",
-    "val_recall", "threshold", "lr", "seconds", "train_seconds", "samples_per_s",
+    "val_recall", "threshold", "val_loc_f1", "val_loc_precision", "val_loc_recall", "val_loc_threshold",
+    "lr", "seconds", "train_seconds", "samples_per_s",
     "n_train_samples", "timestamp",
 )
 # Entries a run directory may hold; --overwrite deletes a folder only if it looks like a run.

@@ -16,12 +16,13 @@ from uts_cli.errors import InputDataError, UsageError
 CHECKPOINT_FORMAT = "uts-checkpoint"
 CHECKPOINT_VERSION = 1
 # The fit loop's counters saved with every checkpoint (names as in the checkpoint dict).
-COUNTERS = ("epoch", "step_in_epoch", "global_step", "sums", "best", "best_epoch", "best_threshold")
+COUNTERS = ("epoch", "step_in_epoch", "global_step", "sums", "best", "best_epoch", "best_threshold",
+            "best_pixel_threshold", "best_at_edge")
 
 
 def build_checkpoint(*, model, optimizer, scaler, aug_gen: torch.Generator, counters: dict,
                      threshold: float, val_f1: float | None, params: TeachConfig, store_uuid: str,
-                     device: torch.device) -> dict:
+                     device: torch.device, extra: dict | None = None) -> dict:
     """The checkpoint dict of the current training state.
 
     Args:
@@ -33,17 +34,20 @@ def build_checkpoint(*, model, optimizer, scaler, aug_gen: torch.Generator, coun
         params: the run's options.
         store_uuid: the store trained on; a resume on another store is refused.
         device: the training device (CUDA random states are saved on CUDA).
+        extra: more entries (validation's pixel threshold and localization F1; with a weight EMA,
+            ``model`` is the average and ``train_model`` the raw weights).
     """
     rng_cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
     return {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model": model.state_dict(), "model_config": model.config(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        **{k: counters[k] for k in COUNTERS},
+        **{k: counters.get(k) for k in COUNTERS},
         "threshold": float(threshold), "val_f1": val_f1,
         "params": to_dict(params), "store_uuid": store_uuid,
         "rng_torch": torch.get_rng_state(), "rng_cuda": list(rng_cuda),
         "rng_aug": aug_gen.get_state(),
+        **(extra or {}),
     }
 
 

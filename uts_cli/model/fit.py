@@ -5,8 +5,10 @@ after every epoch, and keeps the run directory up to date:
 
 * ``history.csv``: one row per finished epoch (see ``uts_cli.io.rundir.HISTORY_FIELDS``);
 * ``checkpoints/last.pt``: after every epoch, and on interruption at the end of the current step;
-* ``checkpoints/best.pt``: when validation F1 is at least the best so far (ties go to the later
-  epoch: equal F1 after more training is no worse, and small validation sets tie often);
+* ``checkpoints/best.pt``: when the selection score (``params.select``: the validation split's
+  region-level localization F1 by default, or its image-level F1) is at least the best so far
+  (ties go to the later epoch: equal F1 after more training is no worse, and small validation
+  sets tie often);
 * ``metrics.json``: status (complete / interrupted), best epoch and the final row.
 
 Resuming (``resume=True``) restores the model, optimiser, scaler and random states from
@@ -40,10 +42,17 @@ from uts_cli.model.augment import AugmentConfig, augment_batch
 from uts_cli.model.cam import CamNet
 from uts_cli.model.checkpoint import build_checkpoint, changed_options, check_resumable, restore_states
 from uts_cli.model.losses import location_loss
+from uts_cli.model.optim import WeightEma, lr_factor, make_optimizer, reestimate_bn
+from uts_cli.model.validate import region_sweep
 from uts_cli.model.predict import iter_predictions
 from uts_cli.reporting import NullReporter, Reporter
 
-MONITOR = "val_f1"
+MONITOR = "val_f1"  # the image-level monitor (select image); see monitor_of
+
+
+def monitor_of(params: TeachConfig) -> str:
+    """The history column that chooses ``best.pt``."""
+    return "val_loc_f1" if params.select == "localization" else "val_f1"
 
 
 @dataclass
@@ -69,6 +78,8 @@ class FitResult:
     samples_per_s: float | None
     last_checkpoint: str
     best_checkpoint: str
+    best_pixel_threshold: float | None = None
+    pixel_threshold_at_edge: bool = False
 
 
 class _LossReadout:
@@ -108,6 +119,8 @@ class _State:
     best_f1: float = -1.0
     best_epoch: int = 0
     best_threshold: float = 0.5
+    best_pixel_threshold: float | None = None
+    best_at_edge: bool = False
     sums: dict = field(default_factory=lambda: _zero_sums())
 
 
@@ -172,10 +185,9 @@ class _Trainer:
         # network that is validated and saved.
         self.net = distributed.wrap_model(model, device, sync_bn=params.sync_bn)
         self.vote = distributed.StopVote(device)
-        # fused: one kernel for the whole update on CUDA, instead of about ten multi-tensor ones
+        # fused on CUDA: one kernel for the whole update instead of about ten multi-tensor ones
         # (the launches, not the arithmetic, are what a small model's step waits on).
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay,
-                                          fused=device.type == "cuda")
+        self.optimizer = make_optimizer(model, params, fused=device.type == "cuda")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.policy.needs_scaler)
         self.aug_gen = torch.Generator(device=device)
         self.aug_gen.manual_seed(distributed.rank_seed(params.seed, self.dist.rank))
@@ -186,6 +198,17 @@ class _Trainer:
                                         max_points=params.max_points, use_truth=params.use_truth,
                                         rank=self.dist.rank, world_size=self.dist.world_size)
         self.sampler = self.loader.batch_sampler
+        self.steps_per_epoch = max(1, len(self.sampler))
+        self.total_steps = params.epochs * self.steps_per_epoch
+        # Created after the model is on its device, so the average lives there too.
+        self.ema = WeightEma(model, params.ema_decay) if params.ema_decay > 0 else None
+        self.bn_loader = None
+        if params.bn_reestimate > 0:
+            # A fixed random subset of the training patches in their natural class mix, unaugmented.
+            rng = np.random.default_rng([params.seed, 7])
+            n = min(len(self.train_indices), params.bn_reestimate * params.batch_size)
+            subset = np.sort(rng.choice(self.train_indices, size=n, replace=False))
+            self.bn_loader = make_eval_loader(store, subset, params.batch_size, 0, device, labels=labels)
         self.val_loader = None
         # Validation runs on rank 0 (the others wait for its result).
         if len(self.val_indices) and self.dist.is_main:
@@ -198,23 +221,39 @@ class _Trainer:
                 iter(self.val_loader)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def checkpoint(self, threshold: float, val_f1: float | None) -> dict:
+    def checkpoint(self, threshold: float, val_f1: float | None, val: dict | None = None) -> dict:
         s = self.state
         counters = {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "global_step": s.global_step,
                     "sums": dict(s.sums), "best": s.best_f1, "best_epoch": s.best_epoch,
-                    "best_threshold": s.best_threshold}
-        return build_checkpoint(model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                    "best_threshold": s.best_threshold, "best_pixel_threshold": s.best_pixel_threshold,
+                    "best_at_edge": s.best_at_edge}
+        val = val or {}
+        extra = {"pixel_threshold": val.get("val_loc_threshold"), "val_loc_f1": val.get("val_loc_f1"),
+                 "pixel_threshold_at_edge": bool(val.get("at_edge", False))}
+        model = self.model
+        if self.ema is not None:
+            # "model" is what eval/distill/predict load: the averaged weights. The raw ones resume training.
+            model = self.ema.module
+            extra.update(train_model=self.model.state_dict(), ema_updates=self.ema.updates)
+        return build_checkpoint(model=model, optimizer=self.optimizer, scaler=self.scaler,
                                 aug_gen=self.aug_gen, counters=counters, threshold=threshold, val_f1=val_f1,
-                                params=self.params, store_uuid=self.store.uuid, device=self.device)
+                                params=self.params, store_uuid=self.store.uuid, device=self.device, extra=extra)
 
     def restore(self) -> None:
         ck = self.run.load_checkpoint("last", map_location="cpu")
         check_resumable(ck, run_path=self.run.path, store=self.store, model=self.model)
         c = restore_states(ck, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
                            aug_gen=self.aug_gen, device=self.device)
+        if "train_model" in ck:
+            self.model.load_state_dict(ck["train_model"])
+            if self.ema is not None:
+                self.ema.load_state_dict({"model": ck["model"], "updates": ck.get("ema_updates", 0)})
+        bpt = c.get("best_pixel_threshold")
         self.state = _State(epoch=int(c["epoch"]), step_in_epoch=int(c["step_in_epoch"]),
                             global_step=int(c["global_step"]), best_f1=float(c["best"]),
                             best_epoch=int(c["best_epoch"]), best_threshold=float(c["best_threshold"]),
+                            best_pixel_threshold=None if bpt is None else float(bpt),
+                            best_at_edge=bool(c.get("best_at_edge") or False),
                             sums={**_zero_sums(), **(c["sums"] or {})})
         if self.dist.rank > 0:
             # The checkpoint holds rank 0's augmentation stream; the others draw their own.
@@ -250,12 +289,20 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         weight = self.loss_weight
         self.scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+        self.set_lr(self.state.global_step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return loss.detach(), ce.detach(), loc.detach(), len(labels)
 
     def wants_stop(self) -> bool:
         return self.flag["set"] or (self.stop is not None and bool(self.stop()))
+
+    def set_lr(self, step: int) -> None:
+        factor = lr_factor(step, self.total_steps, self.params, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.params.lr * factor
 
     def check_stop(self) -> None:
         if self.wants_stop():
@@ -328,21 +375,36 @@ class _Trainer:
             self.reporter.finish()
 
     def validate(self) -> dict:
+        """Image-level and region-level localization scores of the validation split, from one pass."""
         if self.val_loader is None:
             return {"val_loss": None, "val_f1": None, "val_precision": None, "val_recall": None,
-                    "threshold": 0.5}
+                    "threshold": 0.5, "val_loc_f1": None, "val_loc_precision": None, "val_loc_recall": None,
+                    "val_loc_threshold": None, "at_edge": False}
+        net = self.ema.module if self.ema is not None else self.model
+        if self.bn_loader is not None:
+            reestimate_bn(net, (net.prepare_input(batch_to_device(b, self.device).images,
+                                                  channels_last=self.channels_last) for b in self.bn_loader))
         probs, labels = [], []
-        for pred in iter_predictions(self.model, self.val_loader, self.device, amp=self.params.amp):
-            probs.append(pred.probs)
-            labels.append(pred.labels)
-            self.check_stop()
+
+        def maps():
+            for pred in iter_predictions(net, self.val_loader, self.device, amp=self.params.amp, want_cam=True,
+                                         cam_dtype=np.float32):
+                probs.append(pred.probs)
+                labels.append(pred.labels)
+                yield pred.indices, pred.cams
+                self.check_stop()
+
+        sweep = region_sweep(self.store, maps(), radius_px=self.params.radius_px, indices=self.val_indices)
         prob = np.concatenate(probs).astype(np.float64)
         lab = np.concatenate(labels) > 0.5
         clipped = np.clip(prob, 1e-7, 1 - 1e-7)
         val_loss = float(-np.mean(np.where(lab, np.log(clipped), np.log1p(-clipped))))
         choice = best_f1_threshold(prob, lab.astype(np.uint8))
+        loc = sweep.best
         return {"val_loss": val_loss, "val_f1": choice.f1, "val_precision": choice.precision,
-                "val_recall": choice.recall, "threshold": choice.threshold}
+                "val_recall": choice.recall, "threshold": choice.threshold,
+                "val_loc_f1": loc.f1, "val_loc_precision": loc.precision, "val_loc_recall": loc.recall,
+                "val_loc_threshold": sweep.threshold, "at_edge": sweep.at_edge}
 
     def validate_everywhere(self) -> dict:
         """:meth:`validate` on rank 0, its result on every rank (a stop there stops them all)."""
@@ -369,22 +431,24 @@ class _Trainer:
         row = {
             "epoch": epoch, "train_loss": s.sums["loss"] / n, "loss_ce": s.sums["ce"] / n,
             "loss_location": s.sums["location"] / n if self.params.location != "none" else None,
-            **val, "lr": self.optimizer.param_groups[0]["lr"],
+            **{k: v for k, v in val.items() if k != "at_edge"}, "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - t_start + seconds_before, 3),
             "train_seconds": round(s.sums["seconds"], 3),
             "samples_per_s": round(s.sums["samples"] / max(s.sums["seconds"], 1e-9), 2),
             "n_train_samples": int(s.sums["samples"]),
         }
         s.epoch, s.step_in_epoch, s.sums = epoch, 0, _zero_sums()
-        f1 = val["val_f1"]
+        f1 = val[monitor_of(self.params)]
         improved = f1 is None or f1 >= s.best_f1
         if improved:
             s.best_f1 = -1.0 if f1 is None else float(f1)
             s.best_epoch, s.best_threshold = epoch, float(val["threshold"])
+            s.best_pixel_threshold = val["val_loc_threshold"]
+            s.best_at_edge = bool(val["at_edge"])
 
         def record() -> None:
             self.run.append_history(row)
-            ck = self.checkpoint(val["threshold"], f1)
+            ck = self.checkpoint(val["threshold"], val["val_f1"], val)
             # last.pt commits the epoch, so it goes last: a kill between the two saves then resumes from
             # the previous epoch and redoes this one, instead of leaving best.pt an epoch behind.
             if improved:
@@ -398,9 +462,10 @@ class _Trainer:
     def metrics(self, status: str) -> dict:
         history = self.run.read_history()
         s = self.state
-        return {"status": status, "monitor": MONITOR, "best_epoch": s.best_epoch,
+        return {"status": status, "monitor": monitor_of(self.params), "best_epoch": s.best_epoch,
                 "best": None if s.best_epoch == 0 or s.best_f1 < 0 else s.best_f1,
-                "best_threshold": s.best_threshold, "epochs_done": s.epoch,
+                "best_threshold": s.best_threshold, "best_pixel_threshold": s.best_pixel_threshold,
+                "pixel_threshold_at_edge": s.best_at_edge, "epochs_done": s.epoch,
                 "final": history[-1] if history else None}
 
 
@@ -410,7 +475,8 @@ def _epoch_line(row: dict, improved: bool) -> str:
 
     return (f"epoch {row['epoch']}: loss {fmt(row['train_loss'])}, val F1 {fmt(row['val_f1'])} "
             f"(P {fmt(row['val_precision'], '.3f')}, R {fmt(row['val_recall'], '.3f')}, "
-            f"threshold {fmt(row['threshold'], '.3f')}), {row['samples_per_s']:.1f} samples/s"
+            f"threshold {fmt(row['threshold'], '.3f')}), localization F1 {fmt(row.get('val_loc_f1'))} "
+            f"(pixel threshold {fmt(row.get('val_loc_threshold'), '.2f')}), {row['samples_per_s']:.1f} samples/s"
             + (", best so far" if improved else ""))
 
 
@@ -513,7 +579,8 @@ def fit(model: CamNet, store: PatchStore, train_indices: Sequence[int], val_indi
                      best_val_f1=None if s.best_f1 < 0 else s.best_f1, best_threshold=s.best_threshold,
                      history=history, samples_per_s=history[-1]["samples_per_s"] if history else None,
                      last_checkpoint=str(run.checkpoint_path("last")),
-                     best_checkpoint=str(run.checkpoint_path("best")))
+                     best_checkpoint=str(run.checkpoint_path("best")),
+                     best_pixel_threshold=s.best_pixel_threshold, pixel_threshold_at_edge=s.best_at_edge)
 
 
 def _save_interrupted(trainer: _Trainer) -> None:

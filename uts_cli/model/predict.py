@@ -146,8 +146,10 @@ def load_run_model(run: RunDir | str | os.PathLike, which: str = "best",
         device: where to put the model.
 
     Returns:
-        ``(model in eval mode, info)`` with info keys ``epoch``, ``threshold`` (the image/pixel
-        threshold chosen on validation at that epoch), ``val_f1``, ``model_config``, ``store_uuid``.
+        ``(model in eval mode, info)`` with info keys ``epoch``, ``threshold`` (the image-level
+        threshold chosen on validation at that epoch), ``val_f1``, ``model_config``, ``store_uuid``,
+        ``pixel_threshold`` / ``val_loc_f1`` / ``pixel_threshold_at_edge`` (validation's best
+        region-level localization threshold at that epoch; None in runs made before it existed).
 
     Raises:
         InputDataError: the run or checkpoint is missing, unreadable, or does not fit the model.
@@ -168,5 +170,8 @@ def load_run_model(run: RunDir | str | os.PathLike, which: str = "best",
     model.to(device).eval()
     info = {"epoch": int(state.get("epoch", 0)), "threshold": float(state.get("threshold", 0.5)),
             "val_f1": state.get("val_f1"), "model_config": config,
-            "store_uuid": state.get("store_uuid", "")}
+            "store_uuid": state.get("store_uuid", ""),
+            # Validation's region-level localization choice at that epoch (absent in older runs).
+            "pixel_threshold": state.get("pixel_threshold"), "val_loc_f1": state.get("val_loc_f1"),
+            "pixel_threshold_at_edge": bool(state.get("pixel_threshold_at_edge", False))}
     return model, info

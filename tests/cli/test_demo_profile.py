@@ -1,0 +1,49 @@
+"""`uts demo --profile`: the profile sets the training length, explicit options win (api mocked)."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from uts_cli.api import demo as demo_api
+from uts_cli.cli.app import app
+from uts_cli.errors import UsageError
+
+ENV = {"NO_COLOR": "1", "TERMINAL_WIDTH": "120"}
+runner = CliRunner()
+
+
+@pytest.fixture
+def captured(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_demo(cfg, reporter=None):
+        seen["cfg"] = cfg
+        counts = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 1, "fp": 0, "fn": 0}
+        model = {"run": "r", "threshold": 0.5, "region": counts, "patch": counts, "image_level": counts}
+        return demo_api.DemoResult(workdir=tmp_path, store=tmp_path / "s.h5", teacher=model, student=model,
+                                   distill={"n_train_kept": 1, "n_train_before": 2, "removed_true_lookalikes": 1,
+                                            "removed_true_mitoses": 0}, seconds=1.0)
+
+    monkeypatch.setattr(demo_api, "demo", fake_demo)
+    return seen
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], demo_api.PROFILES["default"]),
+    (["--profile", "full"], demo_api.PROFILES["full"]),
+    (["--profile", "full", "--epochs", "3"], {**demo_api.PROFILES["full"], "epochs": 3}),
+])
+def test_profile_sets_the_training_length(captured, tmp_path, args, expected):
+    r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "w"), "--json", *args], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    cfg = captured["cfg"]
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.profile == (args[1] if args else "default")
+    assert json.loads(r.stdout)["ok"] is True
+
+
+def test_unknown_profile():
+    with pytest.raises(UsageError, match="unknown demo profile"):
+        demo_api.profile_config("huge")
+    r = runner.invoke(app, ["demo", "--profile", "huge"], env=ENV)
+    assert r.exit_code == 2
