@@ -76,7 +76,8 @@ def predict_cmd(
                         devices=tuple(d.strip() for d in devices.split(",")) if devices is not None else ())
     # Under torchrun every rank holds the process group until rank 0 has printed: torchrun stops
     # the other processes as soon as one of them exits non-zero (exit 3 when a slide failed).
-    hold = contextlib.nullcontext() if cfg.devices else distributed.session(cfg.device)
+    under_torchrun = not cfg.devices and distributed.env_context().enabled
+    hold = distributed.session(cfg.device) if under_torchrun else contextlib.nullcontext()
     with hold:
         result = predict(cfg, CliReporter())
         failed = [s for s in result.slides if s.status == "failed"]
