@@ -346,5 +346,6 @@ class PredictConfig:
     batch_size: int = 16
     workers: int = 2
     device: str = "auto"
+    devices: tuple[str, ...] = ()       # one process per entry on this machine (GPU numbers or "cpu")
     amp: str = "auto"
     overwrite: bool = False

@@ -7,9 +7,14 @@ Per input image ``OUT/<slide>/`` holds ``detections.csv``, ``detections.geojson`
 A slide is written into ``OUT/.<slide>.partial/`` and renamed when complete, so a slide folder
 that exists is complete (``summary.json`` is written last, inside the temporary folder). A rerun
 skips complete slides unless ``overwrite``, and removes partial folders left by a killed run.
+
+Under torchrun, or with ``devices`` (one spawned process per device, see :mod:`uts_cli.launch`),
+the slides are split over the processes by size, each slide's folder is written by the process
+that owns it, and rank 0 writes ``summary.csv`` from everyone's rows once all are done.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -31,6 +36,8 @@ RESAMPLE_TOLERANCE = 0.10
 DEFAULT_OVERLAP_UM = 16.0
 SLIDE_FILES = {"csv": "detections.csv", "geojson": "detections.geojson", "midog": "detections.json"}
 _GLOB_CHARS = set("*?[")
+# How long a rank that has finished its slides waits for the others (see _patient_group).
+GATHER_TIMEOUT_S = 7 * 24 * 3600
 
 
 @dataclass
@@ -62,6 +69,7 @@ class PredictResult:
     seconds: float
     slides: list[SlideResult]
     timings: dict = field(default_factory=dict)
+    world_size: int = 1                # processes that shared the slides (torchrun or --devices)
 
 
 def expand_inputs(items: list[str | os.PathLike]) -> list[Path]:
@@ -266,26 +274,9 @@ def _summary_row(summary: dict) -> dict:
     return {k: summary[k] for k in keep if k in summary}
 
 
-def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResult:
-    """Detect mitoses in every input image and write the exports and summaries.
-
-    One image that cannot be read (or lacks a pixel size) is recorded as failed and the others
-    are still done; the caller decides the exit status from ``n_failed``.
-
-    Raises:
-        UsageError: bad options, or no inputs.
-        InputDataError: the run, its config or its checkpoint is missing or unreadable.
-        ResourceError: the device is not available.
-    """
-    from uts_cli.devices import resolve_device
-    from uts_cli.io.export import EXPORT_FORMATS, write_summary_csv
-    from uts_cli.io.rundir import RunDir
-    from uts_cli.model.predict import load_run_model
-
-    reporter = reporter or NullReporter()
-    t_start = time.monotonic()
+def _check_options(cfg: PredictConfig) -> None:
     from uts_cli.choices import CHECKPOINT_NAMES
-    from uts_cli.config import check_schema_version
+    from uts_cli.io.export import EXPORT_FORMATS
 
     if cfg.checkpoint not in CHECKPOINT_NAMES:
         raise UsageError(f"unknown checkpoint {cfg.checkpoint!r}", hint=f"use {' or '.join(CHECKPOINT_NAMES)}")
@@ -302,14 +293,137 @@ def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResu
     if cfg.min_area < 1:
         raise UsageError(f"min_area must be at least 1 pixel (got {cfg.min_area})",
                          hint="set PredictConfig.min_area to 1 or more")
-    inputs = [Path(p) for p in cfg.inputs]
-    if not inputs:
+    if not cfg.inputs:
         raise UsageError("no input image given", hint="pass one or more image files, folders or globs")
+
+
+def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResult:
+    """Detect mitoses in every input image and write the exports and summaries.
+
+    One image that cannot be read (or lacks a pixel size) is recorded as failed and the others
+    are still done; the caller decides the exit status from ``n_failed``.
+
+    Under torchrun (or with ``cfg.devices``, which starts one process per device) the images are
+    split over the processes by size; each process writes the folders of its own images, and
+    rank 0 writes ``summary.csv`` with every process's rows, in input order. Every process
+    returns the same result (its slides, ``n_failed``, ...), for all the images.
+
+    Raises:
+        UsageError: bad options, or no inputs.
+        InputDataError: the run, its config or its checkpoint is missing or unreadable.
+        ResourceError: the device is not available, or a process of the job was lost.
+    """
+    from uts_cli import distributed
+
+    _check_options(cfg)
+    if cfg.devices:
+        from uts_cli.launch import plan_devices, run_ranks
+
+        plan = plan_devices(cfg.devices, cfg.device)
+        if plan.world_size == 1:
+            return predict(dataclasses.replace(cfg, devices=(), device=plan.single_device()), reporter)
+        child = dataclasses.replace(cfg, devices=(), device=plan.rank_device_spec)
+        return run_ranks(predict, child, plan, reporter or NullReporter(),
+                         rerun_hint="rerun the same command: slides already finished are skipped")
+    with distributed.session(cfg.device) as (ctx, device):
+        with distributed.peer_guard(resume_hint="rerun the same command: slides already finished are skipped"):
+            return _predict(cfg, reporter or NullReporter(), ctx, device)
+
+
+class _RankLines:
+    """The reporter of a rank other than 0: its own slides' lines and warnings, named by rank.
+
+    Progress bars stay with rank 0 (several bars on one terminal would collide).
+    """
+
+    def __init__(self, reporter: Reporter, rank: int):
+        self._reporter, self._prefix = reporter, f"rank {rank}: "
+
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int = 1, **metrics: float) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        self._reporter.log(self._prefix + message)
+
+    def warn(self, message: str) -> None:
+        self._reporter.warn(self._prefix + message)
+
+
+def _work_size(path: Path, done_file: Path, overwrite: bool) -> float:
+    """How much work ``path`` is, for splitting the slides over ranks: level-0 pixels from the
+    header (the file size when the header cannot be read; 0 for a slide that will be skipped)."""
+    from uts_cli.io.images import read_header
+
+    if not overwrite and done_file.is_file():
+        return 0.0
+    try:
+        (height, width, _), _ = read_header(path)
+        return float(height) * float(width)
+    except UtsError:
+        try:
+            return float(path.stat().st_size)
+        except OSError:
+            return 0.0
+
+
+def _patient_group():
+    """A gloo group for the final gather, made before the work starts (every rank must join it).
+
+    Ranks that finish early may wait for a whole slide's worth of work on another rank, which
+    can exceed the default group's timeout (meant for a silent partner); this group waits much
+    longer. A partner that dies is still noticed at once (its sockets close).
+    """
+    import datetime as dt
+
+    import torch.distributed as dist
+
+    from uts_cli import distributed
+
+    if not distributed.current().enabled:
+        return None
+    seconds = max(distributed._timeout().total_seconds(), GATHER_TIMEOUT_S)
+    with distributed.peer_guard():
+        return dist.new_group(backend="gloo", timeout=dt.timedelta(seconds=seconds))
+
+
+def _gather(obj, group) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
+    from uts_cli import distributed
+
+    ctx = distributed.current()
+    if not ctx.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * ctx.world_size
+    with distributed.peer_guard():
+        dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _predict(cfg: PredictConfig, reporter: Reporter, dctx, device) -> PredictResult:
+    from uts_cli import distributed
+    from uts_cli.config import check_schema_version
+    from uts_cli.io.export import write_summary_csv
+    from uts_cli.io.rundir import RunDir
+    from uts_cli.model.infer import Timings
+    from uts_cli.model.predict import load_run_model
+
+    t_start = time.monotonic()
+    main_rep = distributed.rank_reporter(reporter)  # job-wide lines: the same on every rank
+    slide_rep = reporter if dctx.is_main else _RankLines(reporter, dctx.rank)
+    inputs = [Path(p) for p in cfg.inputs]
+    group = _patient_group()
 
     run = RunDir(Path(cfg.run)).open_existing()
     rconf = run.read_config()
     check_schema_version(rconf, run.config_path)
-    device = resolve_device(cfg.device)
     model, info = load_run_model(run, cfg.checkpoint, device)
     tile = int(rconf.get("input_size") or 0)
     if tile < 8:
@@ -331,19 +445,24 @@ def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResu
 
         stain_state = StainState.from_dict(stain["state"])
     if run_mpp is None:
-        reporter.warn(f"run {run.path} records no training pixel size; images are not resampled")
+        main_rep.warn(f"run {run.path} records no training pixel size; images are not resampled")
 
     out = Path(cfg.output) if cfg.output else run.path / "predictions"
-    out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(cfg, run.path, threshold, overlap)
-    ctx = _Context(cfg, model, device, stain_state, tile, overlap, threshold, run_mpp, settings, reporter)
     names = slide_names(inputs)
-    slides: list[SlideResult] = []
-    rows: list[dict] = []
-    from uts_cli.model.infer import Timings
-
+    total = len(inputs)
+    # Every rank computes the same split from the same headers, before anyone writes (on_main
+    # below waits for all ranks first), so each slide has exactly one owner.
+    mine = list(range(total))
+    if dctx.enabled:
+        sizes = [_work_size(p, out / n / "summary.json", cfg.overwrite) for p, n in zip(inputs, names)]
+        mine = distributed.shard_by_size(sizes, dctx.world_size, dctx.rank)
+    distributed.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
+    settings = _settings(cfg, run.path, threshold, overlap)
+    ctx = _Context(cfg, model, device, stain_state, tile, overlap, threshold, run_mpp, settings, slide_rep)
+    done: list[tuple[int, SlideResult, dict]] = []   # (input position, result, summary.csv row)
     total_t = Timings()
-    for i, (path, name) in enumerate(zip(inputs, names), start=1):
+    for pos in mine:
+        path, name, i = inputs[pos], names[pos], pos + 1
         final = out / name
         partial = out / f".{name}.partial"
         _clean_partial(partial)  # left by a killed run
@@ -357,23 +476,23 @@ def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResu
                 summary = None
             if summary is not None:
                 if summary.get("settings") != settings:
-                    reporter.warn(f"{name}: kept from an earlier run with other settings; "
-                                  "pass --overwrite to predict it again")
-                reporter.log(f"[{i}/{len(inputs)}] {name}: complete already, skipped ({summary.get('count')} detections)")
+                    slide_rep.warn(f"{name}: kept from an earlier run with other settings; "
+                                   "pass --overwrite to predict it again")
+                slide_rep.log(f"[{i}/{total}] {name}: complete already, skipped ({summary.get('count')} detections)")
                 summary = {**summary, "status": "skipped"}
-                slides.append(SlideResult(name, str(path), "skipped", str(final), summary.get("count"), summary))
-                rows.append(_summary_row(summary))
+                done.append((pos, SlideResult(name, str(path), "skipped", str(final), summary.get("count"), summary),
+                             _summary_row(summary)))
                 continue
         partial.mkdir(parents=True)
         try:
-            summary = _predict_slide(ctx, path, name, partial, i, len(inputs))
+            summary = _predict_slide(ctx, path, name, partial, i, total)
         except UtsError as exc:
-            reporter.finish()
+            slide_rep.finish()
             _clean_partial(partial)
-            reporter.warn(f"[{i}/{len(inputs)}] {name}: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""))
+            slide_rep.warn(f"[{i}/{total}] {name}: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""))
             err = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}
-            slides.append(SlideResult(name, str(path), "failed", None, None, {}, err))
-            rows.append({"slide": name, "path": str(path), "status": "failed", "error": exc.message})
+            done.append((pos, SlideResult(name, str(path), "failed", None, None, {}, err),
+                         {"slide": name, "path": str(path), "status": "failed", "error": exc.message}))
             if isinstance(exc, ResourceError):
                 raise  # no device or memory: the next slides would fail the same way
             continue
@@ -381,7 +500,7 @@ def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResu
             _clean_partial(partial)
             raise ResourceError(f"out of memory on {path}", hint="lower --batch-size or --workers") from None
         except BaseException:
-            reporter.finish()
+            slide_rep.finish()
             _clean_partial(partial)
             raise
         if final.exists():
@@ -394,19 +513,31 @@ def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResu
             os.replace(partial, final)
         st = summary["timings"]
         total_t.add(Timings(st["read_s"], st["normalize_s"], st["model_s"], st["post_s"], st["tiles"]))
-        reporter.log(f"[{i}/{len(inputs)}] {name}: {summary['count']} detections, "
-                     f"{100 * summary['background_skipped']:.0f}% background skipped, {summary['seconds']:.1f}s")
-        slides.append(SlideResult(name, str(path), "done", str(final), summary["count"], summary))
-        rows.append(_summary_row(summary))
-        write_summary_csv(out / "summary.csv", rows)
-    write_summary_csv(out / "summary.csv", rows)
-    n_failed = sum(s.status == "failed" for s in slides)
+        slide_rep.log(f"[{i}/{total}] {name}: {summary['count']} detections, "
+                      f"{100 * summary['background_skipped']:.0f}% background skipped, {summary['seconds']:.1f}s")
+        done.append((pos, SlideResult(name, str(path), "done", str(final), summary["count"], summary),
+                     _summary_row(summary)))
+        if not dctx.enabled:  # one process: the table grows slide by slide, as a progress record
+            write_summary_csv(out / "summary.csv", [row for _, _, row in done])
+
+    # One table for the whole job, in input order, from every rank's slides.
+    parts = _gather((done, total_t.to_dict(), str(device), time.monotonic() - t_start), group)
+    entries = sorted((e for part in parts for e in part[0]), key=lambda e: e[0])
+    slides = [e[1] for e in entries]
+    rows = [e[2] for e in entries]
+    if dctx.enabled:
+        total_t = Timings()
+        for _, t, _, _ in parts:
+            total_t.add(Timings(t["read_s"], t["normalize_s"], t["model_s"], t["post_s"], t["tiles"]))
+    distributed.on_main(lambda: write_summary_csv(out / "summary.csv", rows))
+    devices = list(dict.fromkeys(part[2] for part in parts))
     return PredictResult(run=run.path, output=out, checkpoint=cfg.checkpoint, threshold=threshold, tile_size=tile,
-                         overlap=overlap, run_pixel_size_um=run_mpp, device=str(device),
+                         overlap=overlap, run_pixel_size_um=run_mpp, device=",".join(devices),
                          n_done=sum(s.status == "done" for s in slides),
-                         n_skipped=sum(s.status == "skipped" for s in slides), n_failed=n_failed,
-                         seconds=round(time.monotonic() - t_start, 2), slides=slides,
-                         timings=total_t.to_dict())
+                         n_skipped=sum(s.status == "skipped" for s in slides),
+                         n_failed=sum(s.status == "failed" for s in slides),
+                         seconds=round(max(part[3] for part in parts), 2), slides=slides,
+                         timings=total_t.to_dict(), world_size=dctx.world_size)
 
 
 def result_to_dict(result: PredictResult) -> dict:

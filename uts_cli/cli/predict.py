@@ -1,6 +1,7 @@
 """``uts predict``: detections, exports and a mitotic count for new fields and whole slides."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -8,7 +9,7 @@ import typer
 
 from uts_cli import choices
 from uts_cli.cli._options import DeviceOpt, JsonOpt, OverwriteOpt, WorkersOpt, choice_enum
-from uts_cli.cli._output import CliReporter, cli_errors, emit_json, out_console
+from uts_cli.cli._output import CliReporter, _report_error, cli_errors, emit_json, out_console
 
 EXAMPLES = """Examples (after the `uts distill` examples; on your own slides: uts predict slides/*.svs --run student1):
 
@@ -53,10 +54,14 @@ def predict_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per batch.")] = 16,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
+    devices: Annotated[Optional[str], typer.Option(
+        "--devices", help="One process per listed device on this machine, sharing the slides: GPU numbers "
+                          "(0,1,2,3) or cpu,cpu. Not under torchrun.")] = None,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Detect mitoses in fields and whole slides; write CSV, QuPath GeoJSON, MIDOG JSON and a count."""
+    from uts_cli import distributed
     from uts_cli.api.predict import expand_inputs, predict, result_to_dict
     from uts_cli.io.rundir import resolve_run
     from uts_cli.config import PredictConfig
@@ -67,20 +72,29 @@ def predict_cmd(
                         checkpoint=checkpoint.value, threshold=threshold, mpp=mpp, assume_run_mpp=assume_run_mpp,
                         overlap=overlap, stain_norm=not no_stain_norm, formats=fmt, heatmap=heatmap, tta=tta,
                         hotspot_area_mm2=hotspot_area, skip_background=not all_tiles, batch_size=batch_size,
-                        workers=workers, device=device, overwrite=overwrite)
-    result = predict(cfg, CliReporter())
-    failed = [s for s in result.slides if s.status == "failed"]
-    if json_output:
-        emit_json({"ok": not failed, "command": "predict", **result_to_dict(result)})
-    else:
-        render_predict(result)
+                        workers=workers, device=device, overwrite=overwrite,
+                        devices=tuple(d.strip() for d in devices.split(",")) if devices is not None else ())
+    # Under torchrun every rank holds the process group until rank 0 has printed: torchrun stops
+    # the other processes as soon as one of them exits non-zero (exit 3 when a slide failed).
+    under_torchrun = not cfg.devices and distributed.env_context().enabled
+    hold = distributed.session(cfg.device) if under_torchrun else contextlib.nullcontext()
+    with hold:
+        result = predict(cfg, CliReporter())
+        failed = [s for s in result.slides if s.status == "failed"]
+        if distributed.current().is_main:  # one result, also from several processes
+            if json_output:
+                emit_json({"ok": not failed, "command": "predict", **result_to_dict(result)})
+            else:
+                render_predict(result)
+                if failed:
+                    # Each failure was reported as it happened; this is the overall verdict.
+                    names = ", ".join(s.name for s in failed[:5]) + (" ..." if len(failed) > 5 else "")
+                    _report_error("predict", InputDataError(
+                        f"{len(failed)} of {len(result.slides)} inputs failed: {names}",
+                        hint="see the messages above; the other inputs are done"), False)
+        distributed.barrier()
     if failed:
-        # Each failure was reported as it happened; this is the overall verdict (exit 3).
-        if json_output:
-            raise typer.Exit(InputDataError.exit_code)
-        names = ", ".join(s.name for s in failed[:5]) + (" ..." if len(failed) > 5 else "")
-        raise InputDataError(f"{len(failed)} of {len(result.slides)} inputs failed: {names}",
-                             hint="see the messages above; the other inputs are done")
+        raise typer.Exit(InputDataError.exit_code)
 
 
 def _fmt(v, digits=2) -> str:
@@ -108,4 +122,5 @@ def render_predict(result) -> None:
                       f"{100 * skipped:.0f}%" if isinstance(skipped, (int, float)) else "-")
     console = out_console()
     console.print(table)
-    console.print(f"outputs: {result.output}  summary: {result.output}/summary.csv  ({result.seconds:.1f}s)")
+    procs = f", {result.world_size} processes" if result.world_size > 1 else ""
+    console.print(f"outputs: {result.output}  summary: {result.output}/summary.csv  ({result.seconds:.1f}s{procs})")
