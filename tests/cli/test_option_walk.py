@@ -107,6 +107,8 @@ def _value(param, hint, files) -> list[str]:
         return [opt, SPECIAL[param.name]]
     if kind is int:
         value = 2 if default is None else default + 1
+        if getattr(param, "min", None) is not None and value < param.min:
+            value = int(param.min)
         if getattr(param, "max", None) is not None and value > param.max:
             value = default - 1
         return [opt, str(value)]

@@ -400,6 +400,7 @@ def test_synthetic_dataset_predict_equals_eval_point_for_point(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_30000px_mostly_background_slide_stays_under_2gb(tmp_path):
     import sys
 

@@ -34,6 +34,7 @@ def _pyramid(src: Path, dst: Path, mpp: float = 0.25) -> tuple[int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ccmct_fields_as_pyramidal_tiffs(realdata, tmp_path_factory):
     import _common
     from bench_predict import train_synthetic_run
