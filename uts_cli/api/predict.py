@@ -330,7 +330,7 @@ def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResu
             return _predict(cfg, reporter or NullReporter(), ctx, device)
 
 
-class _RankLines:
+class _RankLines(NullReporter):
     """The reporter of a rank other than 0: its own slides' lines and warnings, named by rank.
 
     Progress bars stay with rank 0 (several bars on one terminal would collide).
@@ -338,15 +338,6 @@ class _RankLines:
 
     def __init__(self, reporter: Reporter, rank: int):
         self._reporter, self._prefix = reporter, f"rank {rank}: "
-
-    def start(self, description: str, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int = 1, **metrics: float) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
     def log(self, message: str) -> None:
         self._reporter.log(self._prefix + message)
