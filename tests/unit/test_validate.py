@@ -162,3 +162,25 @@ def test_bn_reestimation_replaces_running_statistics():
 def test_new_options_are_validated(change, message):
     with pytest.raises(UsageError, match=message):
         cfg(**change).validate()
+
+
+def test_off_grid_stores_are_swept_on_whole_fields(tmp_path):
+    """Hand-made stores of overlapping crops (the benchmarks') score like stitched whole fields."""
+    from uts_cli.model.validate import _on_store_grid
+
+    s = PatchStore(write_tiny_store(tmp_path / "tiny.h5", n_images=4, seed=2))
+    idx = np.arange(len(s))
+    assert _on_store_grid(s, idx)
+    maps = blob_maps(s, idx, peak=0.8)
+    on_grid = region_sweep(s, batches(idx, maps), radius_px=10)
+    # The same patches with one crop of field 0 duplicated at a shifted, off-grid origin: the
+    # duplicate repeats the first patch's map there, so every true point is still found once.
+    s.origin = np.concatenate([s.origin, s.origin[:1] + 8])
+    s.image_idx = np.concatenate([s.image_idx, s.image_idx[:1]])
+    idx2 = np.arange(len(s.origin))
+    assert not _on_store_grid(s, idx2)
+    shifted = np.zeros_like(maps[:1])
+    shifted[0, :-8, :-8] = maps[0, 8:, 8:]
+    off_grid = region_sweep(s, batches(idx2, np.concatenate([maps, shifted])), radius_px=10, indices=idx2)
+    assert off_grid.n_fields == on_grid.n_fields == 4
+    assert off_grid.best == on_grid.best

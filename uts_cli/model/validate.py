@@ -87,20 +87,25 @@ def region_sweep(store: PatchStore, batches: Iterable[tuple[np.ndarray, np.ndarr
     Returns:
         The sweep's counts and its best threshold.
     """
-    from uts_cli.evaluation import RegionStitcher, score_detections
+    from uts_cli.evaluation import RegionStitcher, score_detections, score_map
+    from uts_cli.localize import stitch_region
 
     thresholds = np.asarray(thresholds, np.float64)
     if indices is not None:
         indices = np.asarray(indices, np.int64)
-        imgs, per_image = np.unique(store.image_idx[indices], return_counts=True)
-        partial = {int(i) for i, n in zip(imgs, per_image) if n < int(store.image_patch_count[i])}
     else:
         indices = np.arange(len(store), dtype=np.int64)
-        partial = set()
-    # The banded stitcher of eval and predict, once per threshold: blobs depend on the threshold,
-    # and val fields are small, so a band per field and threshold costs little.
+    imgs, per_image = np.unique(store.image_idx[indices], return_counts=True)
+    expected = {int(i): int(n) for i, n in zip(imgs, per_image)}
+    partial = {i for i, n in expected.items() if n < int(store.image_patch_count[i])}
+    on_grid = _on_store_grid(store, indices)
+    # On the store grid (every store `prepare` writes): the banded stitcher of eval and predict,
+    # once per threshold (blobs depend on it; val fields are small, so a band each costs little).
     stitchers = [RegionStitcher(store.image_idx, store.origin, store.image_shape, store.patch_size, indices,
-                                float(t)) for t in thresholds]
+                                float(t)) for t in thresholds] if on_grid else []
+    # Off the grid (hand-made stores of overlapping crops, e.g. the benchmarks'): whole fields,
+    # overlaps taking the maximum, labelled at every threshold.
+    pending: dict[int, list] = {}
     counts = [Counts() for _ in thresholds]
     seen: dict[int, list[int]] = {}
     n_fields = n_points = 0
@@ -125,8 +130,31 @@ def region_sweep(store: PatchStore, batches: Iterable[tuple[np.ndarray, np.ndarr
                 if img not in finished:
                     finished[img] = truth_of(img)
                 counts[j] = counts[j] + score_detections(dets, finished[img], radius_px, matching).counts
+        if not on_grid:
+            for k, m in zip(patch_indices, maps):
+                img = int(store.image_idx[k])
+                tiles = pending.setdefault(img, [])
+                tiles.append((tuple(int(v) for v in store.origin[k]), m))
+                if len(tiles) < expected[img]:
+                    continue
+                del pending[img]
+                field = stitch_region(tiles, tuple(int(v) for v in store.image_shape[img][:2]))
+                finished[img] = truth = truth_of(img)
+                for j, t in enumerate(thresholds):
+                    counts[j] = counts[j] + score_map(field, float(t), truth, radius_px, matching).counts
         for img, truth in finished.items():
             seen.pop(img, None)
             n_fields += 1
             n_points += len(truth)
     return best_of_sweep(thresholds, counts, n_fields, n_points)
+
+
+def _on_store_grid(store: PatchStore, indices: np.ndarray) -> bool:
+    """Whether the patches sit on their fields' non-overlapping grid, each cell once."""
+    origin = np.asarray(store.origin[indices], np.int64)
+    if len(origin) == 0:
+        return True
+    if (origin % store.patch_size).any():
+        return False
+    keys = np.column_stack([store.image_idx[indices], origin])
+    return len(np.unique(keys, axis=0)) == len(keys)
