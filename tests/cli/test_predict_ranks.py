@@ -113,9 +113,10 @@ def test_torchrun_two_processes_match_one(job):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "--", "uts_cli", "predict", *job["args"], "-o", str(out), "--device", "cpu", "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
-    # Each rank exits 3 (torchrun itself then exits 1 and lists them); rank 0 alone printed.
+    # Each rank exits 3 (torchrun itself then exits 1 and lists them); rank 0 alone printed. The
+    # first rank to exit makes torchrun stop the other, so it may list one rank or both.
     assert p.returncode != 0, p.stderr[-3000:]
-    assert p.stderr.count("exitcode  : 3") == 2, p.stderr[-3000:]
+    assert p.stderr.count("exitcode  : 3") >= 1, p.stderr[-3000:]
     assert "internal error" not in p.stderr and "lost its partners" not in p.stderr, p.stderr[-3000:]
     doc = json.loads(p.stdout)
     assert doc["world_size"] == 2 and doc["n_done"] == 4 and doc["n_failed"] == 1 and not doc["ok"]
