@@ -131,28 +131,3 @@ class RegionStitcher:
     @property
     def pending(self) -> int:
         return len(self._stitchers)
-
-
-class ThresholdSweep:
-    """Localization counts at many pixel thresholds, accumulated map by map.
-
-    Used to pick the pixel threshold on the validation set by localization F1, instead of reusing
-    the image-level threshold as the original does.
-    """
-
-    def __init__(self, thresholds: np.ndarray, radius: float, matching: str = "one-to-one"):
-        self.thresholds = np.asarray(thresholds, np.float64)
-        self.radius = radius
-        self.matching = matching
-        self.counts = [Counts() for _ in self.thresholds]
-
-    def add(self, prob: np.ndarray, truth_yx: np.ndarray) -> None:
-        for k, t in enumerate(self.thresholds):
-            self.counts[k] = self.counts[k] + score_map(prob, float(t), truth_yx, self.radius,
-                                                        self.matching).counts
-
-    def best(self) -> tuple[float, Counts]:
-        """Threshold with the best F1 (ties: the higher threshold)."""
-        f1 = np.array([c.f1 for c in self.counts])
-        k = int(np.flatnonzero(f1 == f1.max())[-1])
-        return float(self.thresholds[k]), self.counts[k]
