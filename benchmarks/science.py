@@ -127,6 +127,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--criterion", default="TP", choices=FILTERS)
     parser.add_argument("--lr", type=float, default=None)
+    for flag in ("--n-cases", "--n-blocks", "--epochs", "--steps-per-epoch", "--patch-size", "--batch-size"):
+        parser.add_argument(flag, type=int, default=None, help="override the profile's value")
     parser.add_argument("--teacher-only", action="store_true", help="teacher, its eval and the filter audit only")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse a teacher run of this tag that finished training (resume instead of retrain)")
@@ -144,7 +146,9 @@ def main(argv: list[str]) -> int:
     for seed in args.seeds:
         ts = time.monotonic()
         cfg = profile_config(args.profile, workdir=args.workdir / f"seed{seed}", seed=seed, device=args.device,
-                             criterion=args.criterion, lr=args.lr, teach_options=options)
+                             criterion=args.criterion, lr=args.lr, teach_options=options, n_cases=args.n_cases,
+                             n_blocks=args.n_blocks, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                             patch_size=args.patch_size, batch_size=args.batch_size)
         store = demo_store(cfg)
         runs = Path(cfg.workdir) / f"runs-{args.tag}"
         tname, sname = f"teacher-s{seed}", f"student-s{seed}"

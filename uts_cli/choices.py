@@ -11,6 +11,9 @@ ARCHS = ("resnet18", "resnet50")
 AGGREGATIONS = ("max", "mean")
 MODES = ("instance", "embedding")                 # pool the CAM / pool the features
 INPUT_NORMS = ("unit", "imagenet")                # pixels/255 (the original) / ImageNet mean-std
+# CAM to pixels: cell n centred on pixel stride*n (where its receptive field is centred) /
+# bilinear with align_corners=True over the whole patch (the original; up to ~1 stride off).
+CAM_UPSAMPLINGS = ("exact", "method")
 WEIGHTS_KEYWORDS = ("imagenet", "none")           # anything else given to --weights is a file
 
 # Training ---------------------------------------------------------------------------------

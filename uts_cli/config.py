@@ -102,6 +102,8 @@ class TeachConfig:
         name: run name (folder ``runs_dir / name``).
         runs_dir: folder that holds the run folders.
         arch, n_blocks, aggregation, mode, input_norm: the CAM network (see ``uts_cli.choices``).
+        cam_upsample: CAM cells to pixels, ``exact`` (cell n on pixel stride * n, the centre of
+            its receptive field) or ``method`` (align_corners=True over the patch, the original).
         weights: backbone init, ``imagenet``, ``none`` or a file.
         epochs: total epochs of the run (a resumed run continues up to this).
         lr: (peak) learning rate.
@@ -156,6 +158,7 @@ class TeachConfig:
     mode: str = "instance"
     weights: str = "imagenet"           # imagenet | none | PATH
     input_norm: str = "unit"            # unit (pixels/255, the original) | imagenet
+    cam_upsample: str = "exact"         # exact | method (the original's align_corners=True)
     epochs: int = 10
     lr: float = 1e-4
     batch_size: int = 32
@@ -203,6 +206,7 @@ class TeachConfig:
             one_of(self.aggregation, choices.AGGREGATIONS, "--aggregation"),
             one_of(self.mode, choices.MODES, "--mode"),
             one_of(self.input_norm, choices.INPUT_NORMS, "--input-norm"),
+            one_of(self.cam_upsample, choices.CAM_UPSAMPLINGS, "--cam-upsample"),
             one_of(self.location, choices.LOCATIONS, "--location"),
             one_of(self.pixel_threshold, choices.PIXEL_THRESHOLD_MODES, "--pixel-threshold"),
             one_of(self.amp, choices.AMP_MODES, "--amp"),
@@ -265,6 +269,8 @@ class TeachConfig:
             flat.update(data["config"])
         else:
             flat.update(data)
+        # Configs saved before cam_upsample existed were trained with the original mapping.
+        flat.setdefault("cam_upsample", "method")
         flat.update(given)
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in flat.items() if k in names}

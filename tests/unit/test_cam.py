@@ -50,6 +50,45 @@ def test_upsample_align_corners_keeps_corner_values():
     assert up[0, 0, 0, 0] == 0 and up[0, 0, -1, -1] == 15 and up[0, 0, 0, -1] == 3
 
 
+def test_upsample_exact_puts_cell_n_on_pixel_stride_n():
+    cam = torch.arange(8.0).view(1, 1, 1, 8).expand(1, 1, 8, 8).contiguous()
+    up = upsample_cam(cam, (128, 128), stride=16)[0, 0, 0]
+    assert up.shape == (128,)
+    for n in range(8):
+        assert up[16 * n] == n
+    assert up[8] == 0.5                                  # bilinear between centres
+    assert (up[112:] == 7).all()                         # past the last centre: the edge value
+    # Non-square output, and a side the cells do not reach exactly (250 px, stride 16, 16 cells).
+    assert upsample_cam(torch.zeros(2, 1, 16, 16), (250, 250), stride=16).shape == (2, 1, 250, 250)
+
+
+@pytest.mark.parametrize("n_blocks", [2, 3])
+def test_exact_mapping_follows_the_receptive_field(n_blocks):
+    """The gradient of an interior CAM cell is centred where ``exact`` puts the cell, not ``method``."""
+    torch.manual_seed(0)
+    net = CamNet(n_blocks=n_blocks).eval()
+    x = torch.rand(1, 3, 128, 128, requires_grad=True)
+    feats = net.backbone(x)
+    n = feats.shape[-1] // 2
+    feats[0, :, n, n].sum().backward()
+    g = x.grad[0].abs().sum(0).sum(1)
+    centre = float((g * torch.arange(128.0)).sum() / g.sum())
+    exact, method = net.stride * n, n * 127 / (feats.shape[-1] - 1)
+    assert abs(centre - exact) < 2.0 < abs(centre - method)
+
+
+def test_old_configs_keep_the_original_upsampling():
+    net = CamNet(n_blocks=3)
+    assert net.upsample_mode == "exact" and net.config()["upsample"] == "exact"
+    old = {k: v for k, v in net.config().items() if k != "upsample"}
+    assert CamNet.from_config(old).upsample_mode == "method"
+    cam = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(CamNet.from_config(old).upsample(cam, 128), upsample_cam(cam, 128))
+    torch.testing.assert_close(net.upsample(cam, 128), upsample_cam(cam, 128, stride=16))
+    with pytest.raises(UsageError):
+        CamNet(upsample="nearest")
+
+
 def test_prepare_input_scaling():
     img = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
     unit = CamNet(n_blocks=1, input_norm="unit")

@@ -30,6 +30,8 @@ class DemoConfig:
     device: str = "auto"
     workers: int = 1
     profile: str = "default"
+    # Cases of the rendered synthetic dataset (4 fields of 512 px each; splits are per case).
+    n_cases: int = 12
     # More TeachConfig fields for the teacher (the student inherits them), e.g. {"ema_decay": 0.99}.
     teach_options: dict = field(default_factory=dict)
 
@@ -121,13 +123,14 @@ def demo_store(cfg: DemoConfig, reporter: Reporter | None = None, step=None) -> 
 
     reporter = reporter or NullReporter()
     work = Path(cfg.workdir)
-    raw = work / "stores" / f"synthetic-s{cfg.seed}-p{cfg.patch_size}.h5"
+    size = "" if cfg.n_cases == DemoConfig.n_cases else f"-c{cfg.n_cases}"
+    raw = work / "stores" / f"synthetic-s{cfg.seed}{size}-p{cfg.patch_size}.h5"
     norm = raw.with_name(raw.stem + "-norm.h5")
     if not _complete(raw):
         reporter.log("1/5 prepare: rendering and tiling the synthetic dataset")
-        prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / f"synthetic-s{cfg.seed}", output=raw,
+        prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / f"synthetic-s{cfg.seed}{size}", output=raw,
                               patch_size=cfg.patch_size, compression="lzf", overwrite=True,
-                              dataset_options={"seed": cfg.seed}), reporter)
+                              dataset_options={"seed": cfg.seed, **_case_options(cfg.n_cases)}), reporter)
     if step:
         step("prepare")
     if not _complete(norm):
@@ -136,6 +139,14 @@ def demo_store(cfg: DemoConfig, reporter: Reporter | None = None, step=None) -> 
     if step:
         step("normalize")
     return norm
+
+
+def _case_options(n_cases: int) -> dict:
+    """Synthetic-dataset options for ``n_cases`` cases: val and test each get a sixth of them (at least 2)."""
+    if n_cases == DemoConfig.n_cases:
+        return {}
+    held_out = max(2, n_cases // 6)
+    return {"n_cases": n_cases, "val_cases": held_out, "test_cases": held_out}
 
 
 def teacher_config(cfg: DemoConfig, store: Path, name: str, runs: Path, **changes) -> TeachConfig:

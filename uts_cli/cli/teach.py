@@ -30,6 +30,7 @@ Aggregation = choice_enum("Aggregation", choices.AGGREGATIONS)
 Mode = choice_enum("Mode", choices.MODES)
 Location = choice_enum("Location", choices.LOCATIONS)
 InputNorm = choice_enum("InputNorm", choices.INPUT_NORMS)
+CamUpsample = choice_enum("CamUpsample", choices.CAM_UPSAMPLINGS)
 PixelThreshold = choice_enum("PixelThreshold", choices.PIXEL_THRESHOLD_MODES)
 Amp = choice_enum("Amp", choices.AMP_MODES)
 Select = choice_enum("Select", choices.SELECT_MODES)
@@ -55,6 +56,9 @@ def teach_cmd(
         "--weights", help="Backbone init: imagenet (from the local torch cache), none, or a file.")] = "imagenet",
     input_norm: Annotated[InputNorm, typer.Option(
         "--input-norm", help="unit: pixels/255 (the original); imagenet: mean/std.")] = InputNorm.unit,
+    cam_upsample: Annotated[CamUpsample, typer.Option(
+        "--cam-upsample", help="CAM cells to pixels: exact (each cell on its receptive field's centre) or "
+        "method (align_corners over the patch, the original; off by up to one stride).")] = CamUpsample.exact,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 10,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(
@@ -122,6 +126,7 @@ def teach_cmd(
 
     cfg = TeachConfig(store=store, name=name, runs_dir=runs_dir, arch=arch.value, n_blocks=n_blocks,
                       aggregation=aggregation.value, mode=mode.value, weights=weights, input_norm=input_norm.value,
+                      cam_upsample=cam_upsample.value,
                       epochs=epochs, lr=lr, batch_size=batch_size, location=location.value,
                       alpha_location=alpha_location, temperature=temperature, margin=margin, tlb=tlb,
                       augment=augment, strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,

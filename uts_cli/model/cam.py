@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uts_cli.choices import AGGREGATIONS, ARCHS, INPUT_NORMS, MODES
+from uts_cli.choices import AGGREGATIONS, ARCHS, CAM_UPSAMPLINGS, INPUT_NORMS, MODES
 from uts_cli.errors import InputDataError, ResourceError, UsageError
 
 STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
@@ -48,13 +48,16 @@ class CamNet(nn.Module):
         mode: ``"instance"`` pools the CAM; ``"embedding"`` pools the features, then applies the
             same 1x1 classifier. The CAM is computed in both modes.
         input_norm: ``"unit"`` (pixels / 255, the original) or ``"imagenet"`` (then mean/std).
+        upsample: how :meth:`upsample` maps CAM cells to input pixels: ``"exact"`` (cell ``n`` on
+            pixel ``stride * n``, the centre of its receptive field) or ``"method"`` (bilinear with
+            ``align_corners=True`` over the patch, as the original; off by up to one stride).
 
     ``forward(x)`` takes the normalised float batch ``(B, 3, H, W)`` from :meth:`prepare_input`
     and returns ``(image_logit (B,), cam_logits (B, 1, h, w))`` at feature resolution.
     """
 
     def __init__(self, arch: str = "resnet18", n_blocks: int = 3, aggregation: str = "max",
-                 mode: str = "instance", input_norm: str = "unit"):
+                 mode: str = "instance", input_norm: str = "unit", upsample: str = "exact"):
         super().__init__()
         from torchvision import models
 
@@ -62,6 +65,7 @@ class CamNet(nn.Module):
         self.aggregation = _choice("aggregation", aggregation, AGGREGATIONS)
         self.mode = _choice("mode", mode, MODES)
         self.input_norm = _choice("input normalisation", input_norm, INPUT_NORMS)
+        self.upsample_mode = _choice("CAM upsampling", upsample, CAM_UPSAMPLINGS)
         if not 1 <= int(n_blocks) <= 4:
             raise UsageError(f"n_blocks must be 1..4 (got {n_blocks})", hint="the method uses 3")
         self.n_blocks = int(n_blocks)
@@ -89,13 +93,14 @@ class CamNet(nn.Module):
     def config(self) -> dict:
         """JSON-safe constructor arguments (stored in checkpoints and ``config.json``)."""
         return {"arch": self.arch, "n_blocks": self.n_blocks, "aggregation": self.aggregation,
-                "mode": self.mode, "input_norm": self.input_norm}
+                "mode": self.mode, "input_norm": self.input_norm, "upsample": self.upsample_mode}
 
     @classmethod
     def from_config(cls, config: dict) -> "CamNet":
         """Build a model from :meth:`config` output (unknown keys are ignored)."""
         keys = ("arch", "n_blocks", "aggregation", "mode", "input_norm")
-        return cls(**{k: config[k] for k in keys if k in config})
+        # Runs saved before the option existed were trained and scored with the original mapping.
+        return cls(**{k: config[k] for k in keys if k in config}, upsample=config.get("upsample", "method"))
 
     def prepare_input(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """Turn pixels into the network input.
@@ -129,6 +134,10 @@ class CamNet(nn.Module):
         flat = t.flatten(2)
         return flat.amax(dim=2) if self.aggregation == "max" else flat.mean(dim=2)
 
+    def upsample(self, cam: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+        """CAM maps ``(B, 1, h, w)`` at input resolution ``size``, as ``upsample`` says (see the class)."""
+        return upsample_cam(cam, size, stride=self.stride if self.upsample_mode == "exact" else None)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(x)
         cam = self.classifier(features)
@@ -140,11 +149,26 @@ class CamNet(nn.Module):
         return logit, cam
 
 
-def upsample_cam(cam: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of CAM maps ``(B, 1, h, w)`` to ``size`` (align_corners=True, as the method)."""
+def upsample_cam(cam: torch.Tensor, size: int | tuple[int, int], stride: int | None = None) -> torch.Tensor:
+    """Bilinear upsampling of CAM maps ``(B, 1, h, w)`` to ``size``.
+
+    Without ``stride``: ``align_corners=True`` over the whole output, as the original method: the
+    first cell lands on pixel 0 and the last on pixel ``size - 1``. A ResNet cell ``n`` is centred
+    on pixel ``stride * n`` instead (the stem and every stage pad symmetrically), so that mapping
+    is off by up to one stride near the far edges (15 px at 128 px with stride 16), a bias that
+    moves every detection. With ``stride``: cell ``n`` lands on pixel ``stride * n``, bilinear in
+    between, and the pixels past the last cell centre repeat the edge value.
+    """
     if isinstance(size, int):
         size = (size, size)
-    return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=True)
+    height, width = size
+    if stride is None:
+        return F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=True)
+    h, w = cam.shape[-2:]
+    span_h, span_w = min((h - 1) * stride + 1, height), min((w - 1) * stride + 1, width)
+    up = F.interpolate(cam, size=((h - 1) * stride + 1, (w - 1) * stride + 1), mode="bilinear", align_corners=True)
+    up = up[..., :span_h, :span_w]
+    return F.pad(up, (0, width - span_w, 0, height - span_h), mode="replicate")
 
 
 def imagenet_weights_path(arch: str) -> Path:

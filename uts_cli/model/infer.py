@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from uts_cli.devices import resolve_amp
-from uts_cli.model.cam import CamNet, upsample_cam
+from uts_cli.model.cam import CamNet
 from uts_cli.model.predict import _eval_mode
 from uts_cli.stitching import BandStitcher
 from uts_cli.tileplan import TilePlan
@@ -157,7 +157,7 @@ def cam_probabilities(model: CamNet, x: torch.Tensor, size: int, tta: bool = Fal
     for dims in flips:
         xi = torch.flip(x, dims) if dims else x
         _, cam = model(xi)
-        prob = torch.sigmoid(upsample_cam(cam.float(), (size, size)))[:, 0]
+        prob = torch.sigmoid(model.upsample(cam.float(), (size, size)))[:, 0]
         if dims:
             prob = torch.flip(prob, tuple(d - 1 for d in dims))
         total = prob if total is None else total + prob

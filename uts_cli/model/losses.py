@@ -20,13 +20,14 @@ def extended_log_barrier(z: torch.Tensor, t: float) -> torch.Tensor:
     return torch.where(z <= switch, inside, outside)
 
 
-def soft_centroid(cam_logits: torch.Tensor, size: tuple[int, int], temperature: float) -> torch.Tensor:
+def soft_centroid(cam_logits: torch.Tensor, size: tuple[int, int], temperature: float,
+                  stride: int | None = None) -> torch.Tensor:
     """Centroid ``(n, 2)`` yx (input pixels) of ``sigmoid(T * upsampled CAM)``.
 
     The CAM is upsampled to the input size first, as the method does; that costs ``H*W`` per
     sample, negligible beside the backbone, and keeps the centroid exact in input pixels.
     """
-    prob = torch.sigmoid(temperature * upsample_cam(cam_logits.float(), size))[:, 0]
+    prob = torch.sigmoid(temperature * upsample_cam(cam_logits.float(), size, stride))[:, 0]
     height, width = size
     ys = torch.arange(height, device=prob.device, dtype=prob.dtype)
     xs = torch.arange(width, device=prob.device, dtype=prob.dtype)
@@ -38,7 +39,8 @@ def soft_centroid(cam_logits: torch.Tensor, size: tuple[int, int], temperature: 
 
 def location_loss(cam_logits: torch.Tensor, points: torch.Tensor, mask: torch.Tensor,
                   labels: torch.Tensor, size: tuple[int, int], kind: str, temperature: float = 10.0,
-                  margin: float = 40.0, tlb: float = 50.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  margin: float = 40.0, tlb: float = 50.0,
+                  stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Location constraint on positive patches with exactly one (valid) annotated point.
 
     Computed on every sample and masked, rather than on a selected subset: selecting would need
@@ -51,6 +53,8 @@ def location_loss(cam_logits: torch.Tensor, points: torch.Tensor, mask: torch.Te
         size: input ``(H, W)``.
         kind: ``"l2"`` (mean distance) or ``"lb"`` (mean extended log-barrier of distance - margin).
         temperature, margin, tlb: see :class:`uts_cli.config.TeachConfig`.
+        stride: the CAM's stride for the exact cell-to-pixel mapping (None: the original's
+            ``align_corners=True`` upsampling; see :func:`uts_cli.model.cam.upsample_cam`).
 
     Returns:
         ``(loss, count)``: the mean over the covered samples (0, still differentiable, when there
@@ -58,7 +62,7 @@ def location_loss(cam_logits: torch.Tensor, points: torch.Tensor, mask: torch.Te
     """
     eligible = ((labels > 0.5) & (mask.sum(dim=1) == 1)).float()
     count = eligible.sum()
-    centroid = soft_centroid(cam_logits, size, temperature)
+    centroid = soft_centroid(cam_logits, size, temperature, stride)
     target = (points * mask.unsqueeze(-1).to(points.dtype)).sum(dim=1)
     dist = torch.sqrt(((centroid - target) ** 2).sum(dim=1) + 1e-8)
     per_sample = dist if kind == "l2" else extended_log_barrier(dist - margin, tlb)

@@ -20,7 +20,7 @@ from uts_cli.devices import resolve_amp
 from uts_cli.errors import InputDataError
 from uts_cli.io.rundir import RunDir
 from uts_cli.io.store import PatchStore
-from uts_cli.model.cam import CamNet, upsample_cam
+from uts_cli.model.cam import CamNet
 
 
 class PredictionBatch(NamedTuple):
@@ -95,7 +95,7 @@ def iter_predictions(model: CamNet, loader, device: torch.device, amp: str | boo
             cams = None
             if want_cam:
                 size = tuple(b.images.shape[1:3])
-                up = torch.sigmoid(upsample_cam(cam.float(), size))[:, 0]
+                up = torch.sigmoid(model.upsample(cam.float(), size))[:, 0]
                 cams = up.to(torch.float16 if cam_dtype == np.float16 else torch.float32).cpu().numpy()
             yield PredictionBatch(batch.indices.numpy(), probs, batch.labels.numpy(), cams)
 
