@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from uts_cli.api.demo import PROFILES, demo_store, profile_config, teacher_config
+from uts_cli.api.demo import PROFILES, STABILITY_OPTIONS, demo_store, profile_config, teacher_config
 from uts_cli.api.distill import _score_teacher, _truth_audit, distill
 from uts_cli.api.evaluate import evaluate
 from uts_cli.api.teach import teach
@@ -33,7 +33,8 @@ from uts_cli.config import DistillConfig, EvalConfig
 from uts_cli.distillation import decide
 
 TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
-    "--select": ("select", str), "--optimizer": ("optimizer", str), "--weight-decay": ("weight_decay", float),
+    "--select": ("select", str), "--aggregation": ("aggregation", str), "--cam-upsample": ("cam_upsample", str),
+    "--optimizer": ("optimizer", str), "--weight-decay": ("weight_decay", float),
     "--lr-schedule": ("lr_schedule", str), "--warmup-epochs": ("warmup_epochs", float),
     "--ema-decay": ("ema_decay", float), "--bn-reestimate": ("bn_reestimate", int),
 }
@@ -146,7 +147,8 @@ def main(argv: list[str]) -> int:
     for seed in args.seeds:
         ts = time.monotonic()
         cfg = profile_config(args.profile, workdir=args.workdir / f"seed{seed}", seed=seed, device=args.device,
-                             criterion=args.criterion, lr=args.lr, teach_options=options, n_cases=args.n_cases,
+                             criterion=args.criterion, lr=args.lr, teach_options={**STABILITY_OPTIONS, **options},
+                             n_cases=args.n_cases,
                              n_blocks=args.n_blocks, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                              patch_size=args.patch_size, batch_size=args.batch_size)
         store = demo_store(cfg)

@@ -31,7 +31,8 @@ EXEMPT = {"json_output", "help"}
 # Command name -> API module where it differs from the command name.
 API_MODULE = {"eval": "evaluate"}
 # Options that only apply to some datasets: walk them with a dataset that takes them.
-PREPARE_DATASET = {"seed": "synthetic", "min_confidence": "MITOS14", "include_unlabelled": "MIDOG21",
+PREPARE_DATASET = {"seed": "synthetic", "n_cases": "synthetic", "val_cases": "synthetic", "test_cases": "synthetic",
+                   "min_confidence": "MITOS14", "include_unlabelled": "MIDOG21",
                    "labels": "TUPAC16", "annotations": "folder"}
 
 COMMAND = typer.main.get_command(app)

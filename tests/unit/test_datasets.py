@@ -416,7 +416,8 @@ def test_dataset_options_table_matches_the_readers():
             assert (option in params) == (name in takers), (option, name)
     from uts_cli.datasets.synthetic import SyntheticSpec
 
-    assert "seed" in {f.name for f in __import__("dataclasses").fields(SyntheticSpec)}
+    spec_fields = {f.name for f in __import__("dataclasses").fields(SyntheticSpec)}
+    assert all(o in spec_fields for o, takers in registry.DATASET_OPTIONS.items() if "synthetic" in takers)
 
 
 def test_registry_splits_option(tupac_root, tmp_path):

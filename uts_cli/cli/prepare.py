@@ -43,6 +43,13 @@ def prepare_cmd(
         help="Skip patches with a smaller tissue fraction (default 0 for fields, 0.2 for whole slides).")] = None,
     seed: Annotated[Optional[int], typer.Option(
         "--seed", help="synthetic only: generator seed (default 0).", show_default=False)] = None,
+    n_cases: Annotated[Optional[int], typer.Option(
+        "--n-cases", min=3, help="synthetic only: cases (patients) of 4 fields each (default 12).",
+        show_default=False)] = None,
+    val_cases: Annotated[Optional[int], typer.Option(
+        "--val-cases", min=1, help="synthetic only: cases in the val split (default 2).", show_default=False)] = None,
+    test_cases: Annotated[Optional[int], typer.Option(
+        "--test-cases", min=1, help="synthetic only: cases in the test split (default 2).", show_default=False)] = None,
     min_confidence: Annotated[Optional[float], typer.Option(
         "--min-confidence", help="MITOS14 only: mitoses below this annotator confidence become hard "
                                  "negatives (default 0).", show_default=False)] = None,
@@ -64,7 +71,8 @@ def prepare_cmd(
     from uts_cli.config import PrepareConfig
 
     # Only what was given goes to the library, which refuses options the dataset does not take.
-    given = {"seed": seed, "min_confidence": min_confidence, "include_unlabelled": include_unlabelled or None,
+    given = {"seed": seed, "n_cases": n_cases, "val_cases": val_cases, "test_cases": test_cases,
+             "min_confidence": min_confidence, "include_unlabelled": include_unlabelled or None,
              "annotations": None if annotations is None else str(annotations),
              "labels": None if labels is None else str(labels)}
     options = {k: v for k, v in given.items() if v is not None}

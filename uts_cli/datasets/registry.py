@@ -29,6 +29,9 @@ _MODULES = {
 # table in step with the readers' signatures.
 DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
     "seed": ("synthetic",),
+    "n_cases": ("synthetic",),
+    "val_cases": ("synthetic",),
+    "test_cases": ("synthetic",),
     "min_confidence": ("MITOS14",),
     "include_unlabelled": ("MIDOG21",),
     "labels": ("TUPAC16",),
