@@ -47,3 +47,20 @@ def test_unknown_profile():
         demo_api.profile_config("huge")
     r = runner.invoke(app, ["demo", "--profile", "huge"], env=ENV)
     assert r.exit_code == 2
+
+
+def test_demo_dataset_size_reaches_the_renderer():
+    """The demo's 24 cases hold 4 val and 4 test cases; the renderer's own default (12) adds no options."""
+    assert demo_api.DemoConfig().n_cases == 24
+    assert demo_api._case_options(24) == {"n_cases": 24, "val_cases": 4, "test_cases": 4}
+    assert demo_api._case_options(12) == {}
+    assert demo_api._case_options(6) == {"n_cases": 6, "val_cases": 2, "test_cases": 2}
+
+
+def test_demo_teacher_gets_the_stability_options(tmp_path):
+    cfg = demo_api.profile_config("default", workdir=tmp_path)
+    t = demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs")
+    assert {k: getattr(t, k) for k in demo_api.STABILITY_OPTIONS} == demo_api.STABILITY_OPTIONS
+    assert (t.n_blocks, t.weights, t.epochs, t.steps_per_epoch) == (2, "none", 4, 50)
+    t = demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs", ema_decay=0.0)
+    assert t.ema_decay == 0.0
