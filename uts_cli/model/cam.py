@@ -134,9 +134,14 @@ class CamNet(nn.Module):
         flat = t.flatten(2)
         return flat.amax(dim=2) if self.aggregation == "max" else flat.mean(dim=2)
 
+    @property
+    def upsample_stride(self) -> int | None:
+        """The ``stride`` argument of :func:`upsample_cam` for this model's mapping (None: the original's)."""
+        return self.stride if self.upsample_mode == "exact" else None
+
     def upsample(self, cam: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
         """CAM maps ``(B, 1, h, w)`` at input resolution ``size``, as ``upsample`` says (see the class)."""
-        return upsample_cam(cam, size, stride=self.stride if self.upsample_mode == "exact" else None)
+        return upsample_cam(cam, size, stride=self.upsample_stride)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(x)
@@ -165,9 +170,9 @@ def upsample_cam(cam: torch.Tensor, size: int | tuple[int, int], stride: int | N
     if stride is None:
         return F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=True)
     h, w = cam.shape[-2:]
-    span_h, span_w = min((h - 1) * stride + 1, height), min((w - 1) * stride + 1, width)
-    up = F.interpolate(cam, size=((h - 1) * stride + 1, (w - 1) * stride + 1), mode="bilinear", align_corners=True)
-    up = up[..., :span_h, :span_w]
+    full_h, full_w = (h - 1) * stride + 1, (w - 1) * stride + 1   # first to last cell centre
+    span_h, span_w = min(full_h, height), min(full_w, width)
+    up = F.interpolate(cam, size=(full_h, full_w), mode="bilinear", align_corners=True)[..., :span_h, :span_w]
     return F.pad(up, (0, width - span_w, 0, height - span_h), mode="replicate")
 
 

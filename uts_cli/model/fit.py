@@ -283,9 +283,8 @@ class _Trainer:
         loss = p.alpha_ce * ce
         loc = torch.zeros((), device=self.device)
         if p.location != "none":
-            stride = self.model.stride if self.model.upsample_mode == "exact" else None
             loc, _ = location_loss(cam, points, mask, labels, tuple(x.shape[-2:]), p.location,
-                                   p.temperature, p.margin, p.tlb, stride)
+                                   p.temperature, p.margin, p.tlb, self.model.upsample_stride)
             loss = loss + p.alpha_location * loc
         self.optimizer.zero_grad(set_to_none=True)
         weight = self.loss_weight
