@@ -143,3 +143,53 @@ def assert_qupath_detections(doc: dict) -> None:
         assert len(props["classification"]["color"]) == 3
         assert isinstance(props["measurements"], dict)
         assert all(isinstance(v, (int, float)) for v in props["measurements"].values())
+
+
+def tiny_teach_args(steps_per_epoch: int = 2) -> list[str]:
+    """``uts teach`` options for a teacher that trains in seconds on CPU (the CLI tests need a run, not a good one)."""
+    return ["--weights", "none", "--n-blocks", "1", "--epochs", "1", "--batch-size", "4",
+            "--steps-per-epoch", str(steps_per_epoch), "--workers", "0", "--device", "cpu", "--lr", "1e-3"]
+
+
+def train_tiny_teacher(root: Path, *, n_images: int, seed: int = 0, steps_per_epoch: int = 2,
+                       extra: tuple[str, ...] = ()):
+    """A tiny store with clean truth, ``root/tiny.h5``, and a teacher run ``t`` in ``root/runs``.
+
+    ``extra``: more ``uts teach`` options. Returns ``(store, runs, the CliRunner result of uts teach)``.
+    """
+    from typer.testing import CliRunner
+
+    from uts_cli.cli.app import app
+
+    store = write_tiny_store(root / "tiny.h5", n_images=n_images, seed=seed, with_truth=True)
+    runs = root / "runs"
+    r = CliRunner().invoke(app, ["teach", str(store), "--name", "t", "--runs-dir", str(runs), *extra,
+                                 *tiny_teach_args(steps_per_epoch)], env={"NO_COLOR": "1", "TERMINAL_WIDTH": "120"})
+    assert r.exit_code == 0, r.stderr
+    return store, runs, r
+
+
+def set_run_threshold(run: Path, value: float) -> None:
+    """Overwrite the image-level threshold in a run's config.json (what distill and eval read)."""
+    import json
+
+    path = Path(run) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["threshold"] = float(value)
+    path.write_text(json.dumps(cfg))
+
+
+def median_train_score(run: Path, store_path: Path) -> float:
+    """The median of the run's best model's scores on the store's train split.
+
+    As a threshold it puts both classes among the teacher's decisions, whatever a tiny teacher learnt.
+    """
+    import torch
+
+    from uts_cli.io.store import PatchStore
+    from uts_cli.model.predict import load_run_model, predict_scores
+
+    model, _ = load_run_model(run, "best", "cpu")
+    store = PatchStore(store_path)
+    probs = predict_scores(model, store, store.indices("train"), torch.device("cpu"), batch_size=8)
+    return float(np.median(probs))

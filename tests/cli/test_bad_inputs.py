@@ -185,10 +185,15 @@ def _(tmp):
 
 
 # -- prepare: annotation files ------------------------------------------------------------------
+def _prepare_with_csv(tmp: Path, csv: str | None) -> Case:
+    """``uts prepare folder`` on a dataset whose annotations.csv holds ``csv`` (None: no such file)."""
+    root, _ = folder_dataset(tmp, csv=csv)
+    return prepare_folder(tmp, root, root / "annotations.csv")
+
+
 @case("prepare: CSV missing", 3)
 def _(tmp):
-    root, _ = folder_dataset(tmp, csv=None)
-    return prepare_folder(tmp, root, root / "annotations.csv")
+    return _prepare_with_csv(tmp, None)
 
 
 @case("prepare: --annotations file missing", 2)
@@ -199,38 +204,32 @@ def _(tmp):
 
 @case("prepare: CSV empty", 3)
 def _(tmp):
-    root, _ = folder_dataset(tmp, csv="")
-    return prepare_folder(tmp, root, root / "annotations.csv")
+    return _prepare_with_csv(tmp, "")
 
 
 @case("prepare: CSV with text for a coordinate", 3)
 def _(tmp):
-    root, _ = folder_dataset(tmp, csv="image,x,y\nc1/f1.tif,ten,25\n")
-    return prepare_folder(tmp, root, root / "annotations.csv")
+    return _prepare_with_csv(tmp, "image,x,y\nc1/f1.tif,ten,25\n")
 
 
 @case("prepare: CSV with NaN", 3)
 def _(tmp):
-    root, _ = folder_dataset(tmp, csv="image,x,y\nc1/f1.tif,nan,25\n")
-    return prepare_folder(tmp, root, root / "annotations.csv")
+    return _prepare_with_csv(tmp, "image,x,y\nc1/f1.tif,nan,25\n")
 
 
 @case("prepare: CSV with a negative point", 3)
 def _(tmp):
-    root, _ = folder_dataset(tmp, csv="image,x,y\nc1/f1.tif,-20,25\n")
-    return prepare_folder(tmp, root, root / "annotations.csv")
+    return _prepare_with_csv(tmp, "image,x,y\nc1/f1.tif,-20,25\n")
 
 
 @case("prepare: CSV with an out-of-bounds point", 3)
 def _(tmp):
-    root, _ = folder_dataset(tmp, csv="image,x,y\nc1/f1.tif,25,640\n")
-    return prepare_folder(tmp, root, root / "annotations.csv")
+    return _prepare_with_csv(tmp, "image,x,y\nc1/f1.tif,25,640\n")
 
 
 @case("prepare: CSV without the header", 3)
 def _(tmp):
-    root, _ = folder_dataset(tmp, csv="c1/f1.tif,25,25\n")
-    return prepare_folder(tmp, root, root / "annotations.csv")
+    return _prepare_with_csv(tmp, "c1/f1.tif,25,25\n")
 
 
 def _midog(tmp: Path, doc: dict) -> Case:

@@ -8,35 +8,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_tiny_store
+from conftest import median_train_score, set_run_threshold, tiny_teach_args, train_tiny_teacher, write_tiny_store
 from uts_cli.cli.app import app
 
 ENV = {"NO_COLOR": "1", "TERMINAL_WIDTH": "120"}
 runner = CliRunner()
-TINY = ["--weights", "none", "--n-blocks", "1", "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "2",
-        "--workers", "0", "--device", "cpu", "--lr", "1e-3"]
+TINY = tiny_teach_args()
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A tiny store and a trained teacher whose threshold splits its train scores in half."""
-    import torch
-
-    from uts_cli.io.store import PatchStore
-    from uts_cli.model.predict import load_run_model, predict_scores
-
-    root = tmp_path_factory.mktemp("distill")
-    store = write_tiny_store(root / "tiny.h5", n_images=6, with_truth=True)
-    runs = root / "runs"
-    r = runner.invoke(app, ["teach", str(store), "--name", "t", "--runs-dir", str(runs), *TINY], env=ENV)
-    assert r.exit_code == 0, r.stderr
-    model, _ = load_run_model(runs / "t", "best", "cpu")
-    s = PatchStore(store)
-    probs = predict_scores(model, s, s.indices("train"), torch.device("cpu"), batch_size=8)
-    cfg_path = runs / "t" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["threshold"] = float(np.median(probs))  # both classes among the teacher's decisions
-    cfg_path.write_text(json.dumps(cfg))
+    store, runs, _ = train_tiny_teacher(tmp_path_factory.mktemp("distill"), n_images=6)
+    set_run_threshold(runs / "t", median_train_score(runs / "t", store))  # both classes among its decisions
     return store, runs
 
 

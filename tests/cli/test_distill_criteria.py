@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_tiny_store
+from conftest import set_run_threshold, train_tiny_teacher
 from uts_cli.cli.app import app
 
 ENV = {"NO_COLOR": "1", "TERMINAL_WIDTH": "120"}
 runner = CliRunner()
-TINY = ["--weights", "none", "--n-blocks", "1", "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "2",
-        "--workers", "0", "--device", "cpu", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +22,8 @@ def setup(tmp_path_factory):
     from uts_cli.data import only_one_mitosis
     from uts_cli.io.store import PatchStore
 
-    root = tmp_path_factory.mktemp("criteria")
-    store = write_tiny_store(root / "tiny.h5", n_images=12, seed=2, with_truth=True)
-    runs = root / "runs"
-    r = runner.invoke(app, ["teach", str(store), "--name", "t", "--runs-dir", str(runs), *TINY], env=ENV)
-    assert r.exit_code == 0, r.stderr
-    cfg_path = runs / "t" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["threshold"] = 0.5
-    cfg_path.write_text(json.dumps(cfg))
+    store, runs, _ = train_tiny_teacher(tmp_path_factory.mktemp("criteria"), n_images=12, seed=2)
+    set_run_threshold(runs / "t", 0.5)
     s = PatchStore(store)
     train = only_one_mitosis(s, s.indices("train"))
     pos = train[s.label[train] == 1]

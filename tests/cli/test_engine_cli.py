@@ -6,23 +6,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_tiny_store
+from conftest import median_train_score, set_run_threshold, tiny_teach_args, train_tiny_teacher
 from uts_cli.cli.app import app
 
 ENV = {"NO_COLOR": "1", "TERMINAL_WIDTH": "120"}
 runner = CliRunner()
-TINY = ["--weights", "none", "--n-blocks", "1", "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "3",
-        "--workers", "0", "--device", "cpu", "--lr", "1e-3"]
+TINY = tiny_teach_args(steps_per_epoch=3)
 
 
 @pytest.fixture(scope="module")
 def _trained_once(tmp_path_factory):
     """A tiny store with clean truth and a teacher run trained on it (built once, never changed)."""
-    root = tmp_path_factory.mktemp("engine")
-    store = write_tiny_store(root / "tiny.h5", n_images=10, with_truth=True)
-    runs = root / "runs"
-    r = runner.invoke(app, ["teach", str(store), "--name", "t", "--runs-dir", str(runs), "--json", *TINY], env=ENV)
-    assert r.exit_code == 0, r.stderr
+    store, runs, r = train_tiny_teacher(tmp_path_factory.mktemp("engine"), n_images=10, steps_per_epoch=3,
+                                        extra=("--json",))
     return store, runs, json.loads(r.stdout)
 
 
@@ -33,13 +29,6 @@ def trained(_trained_once, tmp_path):
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)
     return store, copy, doc
-
-
-def _set_teacher_threshold(runs, value):
-    cfg_path = runs / "t" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["threshold"] = value
-    cfg_path.write_text(json.dumps(cfg))
 
 
 def test_teach_writes_a_complete_run(trained):
@@ -74,14 +63,7 @@ def test_eval_reports_patch_region_and_image_level(trained, tmp_path):
 
 def test_distill_pseudolabel_trains_a_student_and_writes_review_files(trained):
     store, runs, _ = trained
-    from uts_cli.io.store import PatchStore
-    from uts_cli.model.predict import load_run_model, predict_scores
-    import torch
-
-    model, _ = load_run_model(runs / "t", "best", "cpu")
-    s = PatchStore(store)
-    probs = predict_scores(model, s, s.indices("train"), torch.device("cpu"), batch_size=8)
-    _set_teacher_threshold(runs, float(np.median(probs)))  # both classes among the teacher's decisions
+    set_run_threshold(runs / "t", median_train_score(runs / "t", store))  # both classes among its decisions
     r = runner.invoke(app, ["distill", "--teacher", "t", "--name", "s", "--runs-dir", str(runs), "--pseudolabel",
                             "--workers", "0", "--device", "cpu", "--json"], env=ENV)
     assert r.exit_code == 0, r.stderr
@@ -104,7 +86,7 @@ def test_distill_pseudolabel_trains_a_student_and_writes_review_files(trained):
 
 def test_distill_refuses_when_teacher_rejects_almost_everything(trained):
     store, runs, _ = trained
-    _set_teacher_threshold(runs, 1.01)  # every patch called negative: all positives are disagreements
+    set_run_threshold(runs / "t", 1.01)  # every patch called negative: all positives are disagreements
     r = runner.invoke(app, ["distill", "--teacher", "t", "--name", "s2", "--runs-dir", str(runs), "--workers", "0",
                             "--device", "cpu"], env=ENV)
     assert r.exit_code == 3, r.stderr
@@ -184,7 +166,7 @@ def test_eval_metric_values_on_a_controlled_cam(trained, tmp_path, monkeypatch):
     from uts_cli.io.store import PatchStore
 
     store_path, runs, _ = trained
-    _set_teacher_threshold(runs, 0.5)
+    set_run_threshold(runs / "t", 0.5)
     s = PatchStore(store_path)
     test = s.indices("test")
     assert s.image_ids[s.image_idx[test[0]]] == "c9/f0" and s.origin[test].tolist() == [[0, 0], [0, 64], [64, 0], [64, 64]]

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tiny_store
+from conftest import REPO, median_train_score, set_run_threshold, write_tiny_store
 
 SEED = int(os.environ.get("UTS_KILL_SEED", "0"))
 # Attributes that differ between any two runs by design.
@@ -240,15 +240,20 @@ def train_store(tmp_path_factory) -> Path:
     return write_tiny_store(tmp_path_factory.mktemp("teach") / "tiny.h5", n_images=10, with_truth=True)
 
 
+def run_clean_then_killed_and_resumed(args: list[str], cwd: Path, rng: random.Random) -> None:
+    """``uts args --name clean``; then ``--name killed`` SIGKILLed at random and rerun with ``--resume``."""
+    clean = uts(args + ["--name", "clean"], cwd)
+    assert clean.returncode == 0, clean.stderr
+    n_lines = len(clean.stderr.splitlines())
+    kill_at_random(args + ["--name", "killed"], cwd, rng, n_lines=n_lines, max_delay=0.2)
+    r = uts(args + ["--name", "killed", "--resume"], cwd)
+    assert r.returncode == 0, r.stderr
+
+
 def test_teach_killed_and_resumed_equals_an_uninterrupted_run(train_store, tmp_path):
     rng = random.Random(f"teach-{SEED}")
     args = ["teach", str(train_store), "--runs-dir", "runs", "--epochs", "3", *TINY]
-    clean = uts(args + ["--name", "clean"], tmp_path)
-    assert clean.returncode == 0, clean.stderr
-    n_lines = len(clean.stderr.splitlines())
-    kill_at_random(args + ["--name", "killed"], tmp_path, rng, n_lines=n_lines, max_delay=0.2)
-    r = uts(args + ["--name", "killed", "--resume"], tmp_path)
-    assert r.returncode == 0, r.stderr
+    run_clean_then_killed_and_resumed(args, tmp_path, rng)
     assert_same_run(tmp_path / "runs" / "clean", tmp_path / "runs" / "killed")
 
 
@@ -269,37 +274,17 @@ def test_teach_same_seed_twice_gives_the_same_run_and_metrics(train_store, tmp_p
     assert docs[0] == docs[1]
 
 
-def _median_threshold(run: Path, store_path: Path) -> None:
-    import json
-
-    import torch
-
-    from uts_cli.io.store import PatchStore
-    from uts_cli.model.predict import load_run_model, predict_scores
-
-    model, _ = load_run_model(run, "best", "cpu")
-    s = PatchStore(store_path)
-    probs = predict_scores(model, s, s.indices("train"), torch.device("cpu"), batch_size=8)
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["threshold"] = float(np.median(probs))
-    (run / "config.json").write_text(json.dumps(cfg))
-
-
 @pytest.mark.slow  # a teacher and two students: about 15 s on an idle 2-core machine, 40 s loaded
 def test_distill_killed_and_resumed_equals_an_uninterrupted_run(train_store, tmp_path):
     rng = random.Random(f"distill-{SEED}")
     teacher = uts(["teach", str(train_store), "--runs-dir", "runs", "--name", "t", "--epochs", "1", *TINY],
                   tmp_path)
     assert teacher.returncode == 0, teacher.stderr
-    _median_threshold(tmp_path / "runs" / "t", train_store)  # both classes among the pseudo-labels
+    run = tmp_path / "runs" / "t"
+    set_run_threshold(run, median_train_score(run, train_store))  # both classes among the pseudo-labels
     args = ["distill", "--teacher", "t", "--runs-dir", "runs", "--pseudolabel", "--epochs", "2",
             "--workers", "0", "--device", "cpu"]
-    clean = uts(args + ["--name", "clean"], tmp_path)
-    assert clean.returncode == 0, clean.stderr
-    n_lines = len(clean.stderr.splitlines())
-    kill_at_random(args + ["--name", "killed"], tmp_path, rng, n_lines=n_lines, max_delay=0.2)
-    r = uts(args + ["--name", "killed", "--resume"], tmp_path)
-    assert r.returncode == 0, r.stderr
+    run_clean_then_killed_and_resumed(args, tmp_path, rng)
     runs = tmp_path / "runs"
     assert_same_run(runs / "clean", runs / "killed")
     assert (runs / "clean" / "distill" / "removed.csv").read_text() == \

@@ -11,13 +11,11 @@ from conftest import assert_qupath_detections
 import tifffile
 from typer.testing import CliRunner
 
-from conftest import write_tiny_store
+from conftest import train_tiny_teacher
 from uts_cli.cli.app import app
 
 ENV = {"NO_COLOR": "1", "TERMINAL_WIDTH": "120"}
 runner = CliRunner()
-TINY = ["--weights", "none", "--n-blocks", "1", "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "3",
-        "--workers", "0", "--device", "cpu", "--lr", "1e-3"]
 FAST = ["--workers", "0", "--device", "cpu", "--batch-size", "8"]
 
 
@@ -40,10 +38,7 @@ def tiny(tmp_path_factory):
     import torch
 
     root = tmp_path_factory.mktemp("predict")
-    store_path = write_tiny_store(root / "tiny.h5", n_images=10, with_truth=True)
-    runs = root / "runs"
-    r = runner.invoke(app, ["teach", str(store_path), "--name", "t", "--runs-dir", str(runs), *TINY], env=ENV)
-    assert r.exit_code == 0, r.stderr
+    store_path, runs, _ = train_tiny_teacher(root, n_images=10, steps_per_epoch=3)
     store = PatchStore(store_path)
     model, _ = load_run_model(runs / "t", "best", "cpu")
     idx = store.indices("test")
