@@ -125,18 +125,18 @@ def demo_store(cfg: DemoConfig, reporter: Reporter | None = None, step=None) -> 
     """
     from uts_cli.api.normalize import normalize
     from uts_cli.api.prepare import prepare
-    from uts_cli.datasets.synthetic import SyntheticSpec
 
     reporter = reporter or NullReporter()
     work = Path(cfg.workdir)
-    size = "" if cfg.n_cases == SyntheticSpec.n_cases else f"-c{cfg.n_cases}"
+    cases = _case_options(cfg.n_cases)
+    size = f"-c{cfg.n_cases}" if cases else ""   # the renderer's default size keeps the old names
     raw = work / "stores" / f"synthetic-s{cfg.seed}{size}-p{cfg.patch_size}.h5"
     norm = raw.with_name(raw.stem + "-norm.h5")
     if not _complete(raw):
         reporter.log("1/5 prepare: rendering and tiling the synthetic dataset")
         prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / f"synthetic-s{cfg.seed}{size}", output=raw,
                               patch_size=cfg.patch_size, compression="lzf", overwrite=True,
-                              dataset_options={"seed": cfg.seed, **_case_options(cfg.n_cases)}), reporter)
+                              dataset_options={"seed": cfg.seed, **cases}), reporter)
     if step:
         step("prepare")
     if not _complete(norm):
