@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Model ------------------------------------------------------------------------------------
 ARCHS = ("resnet18", "resnet50")
-AGGREGATIONS = ("max", "mean")
+AGGREGATIONS = ("max", "mean", "lse")             # lse: log-mean-exp, between the two
 MODES = ("instance", "embedding")                 # pool the CAM / pool the features
 INPUT_NORMS = ("unit", "imagenet")                # pixels/255 (the original) / ImageNet mean-std
 # CAM to pixels: cell n centred on pixel stride*n (where its receptive field is centred) /

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ torch.set_num_threads(2)
 @pytest.mark.parametrize("arch,n_blocks,channels", [("resnet18", 1, 64), ("resnet18", 3, 256),
                                                     ("resnet50", 1, 256), ("resnet50", 2, 512)])
 @pytest.mark.parametrize("mode", ["instance", "embedding"])
-@pytest.mark.parametrize("aggregation", ["max", "mean"])
+@pytest.mark.parametrize("aggregation", ["max", "mean", "lse"])
 def test_shapes(arch, n_blocks, channels, mode, aggregation):
     torch.manual_seed(0)
     net = CamNet(arch, n_blocks=n_blocks, aggregation=aggregation, mode=mode).eval()
@@ -42,6 +44,20 @@ def test_pooling_semantics():
         feats = emb_max.backbone(x)
         expect = (feats.flatten(2).amax(2) * emb_max.classifier.weight.flatten()).sum(1)
         torch.testing.assert_close(emb_max(x)[0], expect, rtol=1e-4, atol=1e-5)
+
+
+def test_lse_pooling_lies_between_mean_and_max():
+    net = CamNet(n_blocks=1, aggregation="lse")
+    cam = torch.randn(4, 1, 6, 6)
+    pooled = net._pool(cam)[:, 0]
+    flat = cam.flatten(1)
+    assert (pooled > flat.mean(1)).all() and (pooled < flat.amax(1)).all()
+    # log-mean-exp of a constant map is that constant; one far larger cell pulls it towards the max.
+    torch.testing.assert_close(net._pool(torch.full((1, 1, 4, 4), 3.0))[:, 0], torch.tensor([3.0]))
+    spike = torch.zeros(1, 1, 4, 4)
+    spike[0, 0, 1, 2] = 40.0
+    r = cam_mod.LSE_SHARPNESS
+    torch.testing.assert_close(net._pool(spike)[:, 0], torch.tensor([40.0 - math.log(16) / r]), rtol=0, atol=1e-4)
 
 
 def test_upsample_align_corners_keeps_corner_values():
@@ -110,7 +126,7 @@ def test_config_round_trip_and_bad_options():
     with pytest.raises(UsageError):
         CamNet(n_blocks=5)
     with pytest.raises(UsageError):
-        CamNet(aggregation="lse")
+        CamNet(aggregation="softmax")
 
 
 def test_imagenet_weights_absent_is_resource_error(tmp_path, monkeypatch):

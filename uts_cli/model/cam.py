@@ -7,6 +7,7 @@ truncation is a prefix of the network, and the FX graph would add nothing but tr
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +22,9 @@ from uts_cli.errors import InputDataError, ResourceError, UsageError
 STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# r of the "lse" aggregation, (1/r) log mean exp(r * cam): at r = 2 a cell 1 logit below the top
+# gets exp(-2) (0.14) of its gradient weight: the top cells share it, not the arg-max alone.
+LSE_SHARPNESS = 2.0
 # torchvision's file names for the ImageNet weights (what torch.hub would have cached).
 IMAGENET_FILES = {
     "resnet18": ("resnet18-f37072fd.pth",),
@@ -44,7 +48,8 @@ class CamNet(nn.Module):
     Args:
         arch: ``"resnet18"`` or ``"resnet50"``.
         n_blocks: residual stages kept (1-4; default 3 as in the method).
-        aggregation: ``"max"`` or ``"mean"`` pooling to the image logit.
+        aggregation: ``"max"``, ``"mean"`` or ``"lse"`` (log-mean-exp, sharpness
+            ``LSE_SHARPNESS``) pooling to the image logit.
         mode: ``"instance"`` pools the CAM; ``"embedding"`` pools the features, then applies the
             same 1x1 classifier. The CAM is computed in both modes.
         input_norm: ``"unit"`` (pixels / 255, the original) or ``"imagenet"`` (then mean/std).
@@ -132,7 +137,14 @@ class CamNet(nn.Module):
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.flatten(2)
-        return flat.amax(dim=2) if self.aggregation == "max" else flat.mean(dim=2)
+        if self.aggregation == "max":
+            return flat.amax(dim=2)
+        if self.aggregation == "lse":
+            # log-mean-exp: between the mean (r -> 0) and the max (r -> inf); every cell near the
+            # top shares the gradient, not the arg-max cell alone.
+            r = LSE_SHARPNESS
+            return (torch.logsumexp(r * flat, dim=2) - math.log(flat.shape[2])) / r
+        return flat.mean(dim=2)
 
     @property
     def upsample_stride(self) -> int | None:
