@@ -37,6 +37,12 @@ TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
     "--optimizer": ("optimizer", str), "--weight-decay": ("weight_decay", float),
     "--lr-schedule": ("lr_schedule", str), "--warmup-epochs": ("warmup_epochs", float),
     "--ema-decay": ("ema_decay", float), "--bn-reestimate": ("bn_reestimate", int),
+    "--location": ("location", str), "--alpha-location": ("alpha_location", float),
+    "--margin": ("margin", float), "--temperature": ("temperature", float),
+}
+DATASET_FLAGS = {  # flag -> (SyntheticSpec field, type): the look of the rendered data
+    "--stain-spread": ("stain_spread", float), "--nucleus-density": ("nucleus_density", float),
+    "--lookalikes-per-field": ("lookalikes_per_field", float),
 }
 
 
@@ -137,9 +143,13 @@ def main(argv: list[str]) -> int:
                         help="also train a teacher for twice the epochs (the student's compute) as a control")
     for flag, (_, kind) in TEACH_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None)
+    for flag, (_, kind) in DATASET_FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, help="synthetic dataset look (default: the renderer's)")
     args = parser.parse_args(argv)
     options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in TEACH_FLAGS.items()}
     options = {k: v for k, v in options.items() if v is not None}
+    looks = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in DATASET_FLAGS.items()}
+    looks = {k: v for k, v in looks.items() if v is not None}
     out = args.out or Path(f"benchmarks/results/science-{args.tag}.md")
 
     rows, raw, audits = [], [], {}
@@ -148,6 +158,7 @@ def main(argv: list[str]) -> int:
         ts = time.monotonic()
         cfg = profile_config(args.profile, workdir=args.workdir / f"seed{seed}", seed=seed, device=args.device,
                              criterion=args.criterion, lr=args.lr, teach_options={**STABILITY_OPTIONS, **options},
+                             dataset_options=looks,
                              n_cases=args.n_cases,
                              n_blocks=args.n_blocks, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                              patch_size=args.patch_size, batch_size=args.batch_size)
@@ -180,8 +191,9 @@ def main(argv: list[str]) -> int:
                     "distill": None if d is None else {k: v for k, v in dataclasses.asdict(d).items() if k != "student"}})
         print(json.dumps(rows[-len(models):]), flush=True)
         # Rewritten after every seed: an unfinished study still leaves its finished seeds behind.
-        settings = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workdir", "seed", "teach_options")},
-                    **options}
+        settings = {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                       if k not in ("workdir", "seed", "teach_options", "dataset_options")},
+                    **options, **looks}
         header = ["# Teacher vs student on the synthetic dataset", "",
                   f"Command: `python {' '.join(['benchmarks/science.py', *argv])}`  ",
                   f"Settings: {json.dumps(settings, default=str)}  ",

@@ -64,3 +64,25 @@ def test_demo_teacher_gets_the_stability_options(tmp_path):
     assert (t.n_blocks, t.weights, t.epochs, t.steps_per_epoch) == (2, "none", 4, 50)
     t = demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs", ema_decay=0.0)
     assert t.ema_decay == 0.0
+
+
+def test_demo_dataset_options_reach_prepare_and_name_the_store(tmp_path, monkeypatch):
+    import uts_cli.api.normalize as normalize_api
+    import uts_cli.api.prepare as prepare_api
+
+    seen = []
+    monkeypatch.setattr(prepare_api, "prepare", lambda cfg, reporter=None: seen.append(cfg))
+    monkeypatch.setattr(normalize_api, "normalize", lambda cfg, reporter=None: None)
+    default = demo_api.demo_store(demo_api.profile_config("default", workdir=tmp_path))
+    assert default.name == "synthetic-s0-c24-p128-norm.h5"  # no options: the names of before
+    assert seen[-1].dataset_options == {"seed": 0, "n_cases": 24, "val_cases": 4, "test_cases": 4}
+    looks = {"lookalikes_per_field": 5.0, "nucleus_density": 1.5, "stain_spread": 2.0}
+    cfg = demo_api.profile_config("default", workdir=tmp_path, seed=1, dataset_options=looks)
+    store = demo_api.demo_store(cfg)
+    assert store.name == "synthetic-s1-c24-stain2-nuc1.5-look5-p128-norm.h5"
+    assert seen[-1].root.name == "synthetic-s1-c24-stain2-nuc1.5-look5"
+    assert seen[-1].dataset_options == {"seed": 1, "n_cases": 24, "val_cases": 4, "test_cases": 4, **looks}
+    assert demo_api._look_suffix({"stain_spread": 0.0}) == "-stain0"
+    assert demo_api._look_suffix({"nucleus_density": 0.75, "stain_spread": None}) == "-nuc0.75"
+    with pytest.raises(UsageError, match="seed"):
+        demo_api.demo_store(demo_api.profile_config("default", workdir=tmp_path, dataset_options={"seed": 3}))

@@ -32,6 +32,7 @@ EXEMPT = {"json_output", "help"}
 API_MODULE = {"eval": "evaluate"}
 # Options that only apply to some datasets: walk them with a dataset that takes them.
 PREPARE_DATASET = {"seed": "synthetic", "n_cases": "synthetic", "val_cases": "synthetic", "test_cases": "synthetic",
+                   "stain_spread": "synthetic", "nucleus_density": "synthetic", "lookalikes_per_field": "synthetic",
                    "min_confidence": "MITOS14", "include_unlabelled": "MIDOG21",
                    "labels": "TUPAC16", "annotations": "folder"}
 

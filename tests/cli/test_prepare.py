@@ -277,6 +277,9 @@ def test_ccmct_whole_slide_region_reads_with_tissue_filter(tmp_path):
 
 @pytest.mark.parametrize("extra, takers", [
     (["--seed", "3"], "synthetic"),
+    (["--stain-spread", "2"], "synthetic"),
+    (["--nucleus-density", "2"], "synthetic"),
+    (["--lookalikes-per-field", "5"], "synthetic"),
     (["--min-confidence", "0.5"], "MITOS14"),
     (["--include-unlabelled"], "MIDOG21"),
     (["--annotations", "{ann}"], "folder, MIDOG21, CCMCT"),
@@ -322,3 +325,45 @@ def test_full_disk_in_prepare_names_the_partial_store(tmp_path, monkeypatch):
     assert r.exit_code == 4, r.stderr
     assert "o.h5.partial" in r.stderr and "free space" in r.stderr
     assert not store_path.exists()
+
+
+@pytest.fixture
+def small_synthetic(monkeypatch):
+    """`uts prepare synthetic` renders 1 field of 128 px per case (the CLI has no size options)."""
+    from dataclasses import replace
+
+    from uts_cli.datasets import synthetic
+
+    real = synthetic.generate
+
+    def small(root, spec=None, reporter=None):
+        return real(root, replace(spec, fields_per_case=1, field_size=128), reporter)
+
+    monkeypatch.setattr(synthetic, "generate", small)
+
+
+def test_prepare_synthetic_with_look_options(tmp_path, small_synthetic):
+    root, out = tmp_path / "syn", tmp_path / "s.h5"
+    base = ["prepare", "synthetic", "--root", str(root), "--patch-size", "128", "--n-cases", "3",
+            "--val-cases", "1", "--test-cases", "1"]
+    look = ["--nucleus-density", "2", "--stain-spread", "0.5", "--lookalikes-per-field", "5"]
+    r = runner.invoke(app, [*base, *look, "-o", str(out), "--json"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["n_images"] == 3
+    spec = json.loads((root / "dataset.json").read_text())["spec"]
+    assert (spec["nucleus_density"], spec["stain_spread"], spec["lookalikes_per_field"]) == (2.0, 0.5, 5.0)
+    assert PatchStore(out).n_images == 3
+    # The same folder asked for another look is refused, not silently reused.
+    r = runner.invoke(app, [*base, "--nucleus-density", "3", "-o", str(tmp_path / "t.h5")], env=ENV)
+    assert r.exit_code == 2 and "nucleus_density=2.0 (asked 3.0)" in r.stderr
+
+
+@pytest.mark.parametrize("extra", [["--nucleus-density", "10"], ["--nucleus-density", "0.1"],
+                                   ["--stain-spread", "-1"], ["--stain-spread", "nan"],
+                                   ["--nucleus-density", "nan"], ["--lookalikes-per-field", "-2"]])
+def test_prepare_synthetic_refuses_bad_look_values(tmp_path, small_synthetic, extra):
+    root, out = tmp_path / "syn", tmp_path / "s.h5"
+    r = runner.invoke(app, ["prepare", "synthetic", "--root", str(root), "-o", str(out), *extra], env=ENV)
+    assert r.exit_code == 2, r.stderr
+    assert extra[0] in r.stderr or extra[0][2:].replace("-", "_") in r.stderr
+    assert not root.exists() and not out.exists()

@@ -392,6 +392,9 @@ def test_registry_names_and_roots(tupac_root):
 
 @pytest.mark.parametrize("dataset, option, value, takers", [
     ("TUPAC16", "seed", 3, "synthetic"),
+    ("TUPAC16", "stain_spread", 2.0, "synthetic"),
+    ("MITOS14", "nucleus_density", 2.0, "synthetic"),
+    ("folder", "lookalikes_per_field", 5.0, "synthetic"),
     ("synthetic", "min_confidence", 0.5, "MITOS14"),
     ("folder", "include_unlabelled", True, "MIDOG21"),
     ("MIDOG21", "labels", "x", "TUPAC16"),

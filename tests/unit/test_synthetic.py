@@ -258,3 +258,127 @@ def test_discover_generates_missing_root_and_checks_spec(tmp_path):
 
 def test_default_root_is_local_data():
     assert synthetic.DEFAULT_ROOT == Path("local_data/datasets/synthetic")
+
+
+# ----------------------------------------------------------------------------- look settings
+
+LOOK = SyntheticSpec(n_cases=3, fields_per_case=1, field_size=128, val_cases=1, test_cases=1, seed=2)
+
+
+def _stain_before_look_settings(rng):
+    """``case_stain`` as it was before ``stain_spread``: the default look must draw exactly this."""
+    base_io = rng.uniform(236, 252)
+    return _render.Stain(
+        h=_render._unit(_render._H_REF + rng.normal(0, 0.06, 3)),
+        e=_render._unit(_render._E_REF + rng.normal(0, 0.07, 3)),
+        h_gain=float(rng.uniform(0.75, 1.25)),
+        e_gain=float(rng.uniform(0.6, 1.35)),
+        io=np.clip(base_io + rng.normal(0, 3.0, 3), 225, 255),
+        gamma=float(rng.uniform(0.9, 1.1)),
+    )
+
+
+def _same_stain(a, b) -> bool:
+    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("h", "e", "h_gain", "e_gain", "io", "gamma"))
+
+
+def test_default_stain_spread_draws_exactly_as_before():
+    for case in range(20):
+        old = _stain_before_look_settings(np.random.default_rng([0, case, 0]))
+        assert _same_stain(_render.case_stain(np.random.default_rng([0, case, 0])), old)
+        assert _same_stain(_render.case_stain(np.random.default_rng([0, case, 0]), 1.0), old)
+
+
+def test_default_look_settings_render_the_same_field():
+    def field(**look):
+        rng = np.random.default_rng([3, 1, 1])
+        return _render.render_field(rng, 128, _render.case_stain(rng), 1, 1, edge=False, **look)
+
+    (a, objs_a), (b, objs_b) = field(), field(nucleus_density=1.0)
+    assert np.array_equal(a, b) and objs_a == objs_b
+    c, _ = field(nucleus_density=2.0)
+    assert not np.array_equal(a, c)
+
+
+def test_stain_spread_zero_gives_every_case_the_same_stain():
+    a = _render.case_stain(np.random.default_rng([0, 0, 0]), 0.0)
+    b = _render.case_stain(np.random.default_rng([0, 1, 0]), 0.0)
+    assert _same_stain(a, b)
+    assert (a.h_gain, a.gamma) == (1.0, 1.0) and np.allclose(a.io, 244.0)
+    assert not _same_stain(_render.case_stain(np.random.default_rng([0, 0, 0])),
+                           _render.case_stain(np.random.default_rng([0, 1, 0])))
+
+
+def test_stain_spread_widens_the_case_to_case_variation():
+    def gains(spread):
+        return np.array([_render.case_stain(np.random.default_rng([0, c, 0]), spread).h_gain for c in range(50)])
+
+    sd1, sd2 = gains(1.0).std(), gains(2.0).std()
+    assert sd2 == pytest.approx(2 * sd1, rel=1e-6)  # same draws, twice the spread
+    # However wide the spread, the stain stays valid.
+    for c in range(50):
+        s = _render.case_stain(np.random.default_rng([0, c, 0]), 20.0)
+        assert s.h_gain >= 0.05 and s.e_gain >= 0.05 and 0.7 <= s.gamma <= 1.3
+        assert ((s.io >= 225) & (s.io <= 255)).all()
+        assert np.isclose(np.linalg.norm(s.h), 1) and (s.h > 0).all() and (s.e > 0).all()
+
+
+def test_nucleus_density_paints_more_nuclei():
+    from scipy import ndimage
+
+    size = 256
+    tissue = np.ones((size, size), bool)
+    tissue[:, :4] = False
+    tissue_dist = ndimage.distance_transform_edt(tissue)
+    cell = np.tile(np.linspace(0, 1, size, dtype=np.float32), (size, 1))
+
+    def count(density):
+        return len(_render._place_nuclei(np.random.default_rng(7), size, tissue_dist, cell, [], density))
+
+    assert count(1.0) == len(_render._place_nuclei(np.random.default_rng(7), size, tissue_dist, cell, []))
+    assert count(0.5) < count(1.0) < count(2.0)
+
+
+def test_look_settings_are_validated():
+    assert SyntheticSpec(stain_spread=0).stain_spread == 0.0
+    assert SyntheticSpec(nucleus_density=0.25).nucleus_density == 0.25
+    assert SyntheticSpec(nucleus_density=4).nucleus_density == 4.0
+    assert SyntheticSpec(lookalikes_per_field=0).lookalikes_per_field == 0.0
+    bad = [{"stain_spread": -0.5}, {"stain_spread": float("nan")}, {"stain_spread": float("inf")},
+           {"stain_spread": "2"}, {"nucleus_density": 10}, {"nucleus_density": 0.1},
+           {"nucleus_density": 0}, {"nucleus_density": -1}, {"nucleus_density": float("nan")},
+           {"lookalikes_per_field": -1}, {"lookalikes_per_field": float("nan")}]
+    for options in bad:
+        with pytest.raises(UsageError):
+            SyntheticSpec(**options)
+
+
+def test_look_settings_reach_the_dataset(tmp_path):
+    spec = replace(LOOK, stain_spread=0.0, nucleus_density=2.0, lookalikes_per_field=6.0)
+    root = generate(tmp_path / "look", spec)
+    manifest = json.loads((root / "dataset.json").read_text())
+    assert manifest["spec"] == asdict(spec)
+    stains = list(manifest["stains"].values())
+    assert all(s == stains[0] for s in stains)  # spread 0: one stain for every case
+    assert len(discover(root, stain_spread=0.0, nucleus_density=2.0).images) == 3
+    with pytest.raises(UsageError, match="nucleus_density"):
+        discover(root, nucleus_density=1.0)
+
+
+def test_dataset_made_before_the_look_settings_is_still_recognised(tmp_path, monkeypatch):
+    root = generate(tmp_path / "old", LOOK)
+    manifest = json.loads((root / "dataset.json").read_text())
+    for key in ("stain_spread", "nucleus_density"):
+        del manifest["spec"][key]  # as written before these settings existed
+    (root / "dataset.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("should not render")
+
+    monkeypatch.setattr(_render, "render_field", boom)
+    assert generate(root, LOOK) == root
+    assert len(discover(root, seed=2, stain_spread=1.0, nucleus_density=1.0).images) == 3
+    with pytest.raises(UsageError):
+        generate(root, replace(LOOK, stain_spread=2.0))
+    with pytest.raises(UsageError, match="stain_spread"):
+        discover(root, stain_spread=2.0)

@@ -32,6 +32,9 @@ class DemoConfig:
     profile: str = "default"
     # Cases of the rendered synthetic dataset (4 fields of 512 px each; splits are per case).
     n_cases: int = 24
+    # More SyntheticSpec options for the rendered dataset (its look: stain_spread, nucleus_density,
+    # lookalikes_per_field, ...); given ones name the dataset and stores apart (see _look_suffix).
+    dataset_options: dict = field(default_factory=dict)
     # More TeachConfig fields for the teacher (the student inherits them); the training-stability
     # options measured in docs/science.md by default.
     teach_options: dict = field(default_factory=lambda: dict(STABILITY_OPTIONS))
@@ -128,15 +131,22 @@ def demo_store(cfg: DemoConfig, reporter: Reporter | None = None, step=None) -> 
 
     reporter = reporter or NullReporter()
     work = Path(cfg.workdir)
+    own = sorted({"seed", "n_cases"} & set(cfg.dataset_options))
+    if own:
+        from uts_cli.errors import UsageError
+
+        raise UsageError(f"demo: dataset_options may not set {', '.join(own)}",
+                         hint="use the DemoConfig fields seed and n_cases instead")
     cases = _case_options(cfg.n_cases)
     size = f"-c{cfg.n_cases}" if cases else ""   # the renderer's default size keeps the old names
-    raw = work / "stores" / f"synthetic-s{cfg.seed}{size}-p{cfg.patch_size}.h5"
+    name = f"synthetic-s{cfg.seed}{size}{_look_suffix(cfg.dataset_options)}"
+    raw = work / "stores" / f"{name}-p{cfg.patch_size}.h5"
     norm = raw.with_name(raw.stem + "-norm.h5")
     if not _complete(raw):
         reporter.log("1/5 prepare: rendering and tiling the synthetic dataset")
-        prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / f"synthetic-s{cfg.seed}{size}", output=raw,
+        prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / name, output=raw,
                               patch_size=cfg.patch_size, compression="lzf", overwrite=True,
-                              dataset_options={"seed": cfg.seed, **cases}), reporter)
+                              dataset_options={"seed": cfg.seed, **cases, **cfg.dataset_options}), reporter)
     if step:
         step("prepare")
     if not _complete(norm):
@@ -155,6 +165,28 @@ def _case_options(n_cases: int) -> dict:
         return {}
     held_out = max(2, n_cases // 6)
     return {"n_cases": n_cases, "val_cases": held_out, "test_cases": held_out}
+
+
+# Short names of the dataset options in store and dataset folder names, in the order they appear.
+_LOOK_TAGS = {"stain_spread": "stain", "nucleus_density": "nuc", "lookalikes_per_field": "look"}
+
+
+def _look_suffix(options: dict) -> str:
+    """A name suffix that tells the given dataset options apart, e.g. ``-stain2-nuc1.5-look5``.
+
+    The three look options come first, in a fixed order and under short tags; any other option
+    follows sorted by name. Empty when no option is given, so the default names do not change.
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    keys = [k for k in _LOOK_TAGS if k in given] + sorted(k for k in given if k not in _LOOK_TAGS)
+    return "".join(f"-{_LOOK_TAGS.get(k, k.replace('_', '-'))}{_format_value(given[k])}" for k in keys)
+
+
+def _format_value(value) -> str:
+    """``2.0`` -> ``2``, ``1.5`` -> ``1.5``: the shortest spelling that reads back the same."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def teacher_config(cfg: DemoConfig, store: Path, name: str, runs: Path, **changes) -> TeachConfig:

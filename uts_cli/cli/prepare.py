@@ -50,6 +50,18 @@ def prepare_cmd(
         "--val-cases", min=1, help="synthetic only: cases in the val split (default 2).", show_default=False)] = None,
     test_cases: Annotated[Optional[int], typer.Option(
         "--test-cases", min=1, help="synthetic only: cases in the test split (default 2).", show_default=False)] = None,
+    stain_spread: Annotated[Optional[float], typer.Option(
+        "--stain-spread", min=0.0,
+        help="synthetic only: multiplier on the case-to-case stain variation; 0 gives every case the same "
+             "stain (default 1).", show_default=False)] = None,
+    nucleus_density: Annotated[Optional[float], typer.Option(
+        "--nucleus-density", min=0.25, max=4.0,
+        help="synthetic only: relative number of normal (non-mitotic) nuclei per area (default 1).",
+        show_default=False)] = None,
+    lookalikes_per_field: Annotated[Optional[float], typer.Option(
+        "--lookalikes-per-field", min=0.0,
+        help="synthetic only: mean number of mitosis look-alikes per field (default 3).",
+        show_default=False)] = None,
     min_confidence: Annotated[Optional[float], typer.Option(
         "--min-confidence", help="MITOS14 only: mitoses below this annotator confidence become hard "
                                  "negatives (default 0).", show_default=False)] = None,
@@ -72,6 +84,8 @@ def prepare_cmd(
 
     # Only what was given goes to the library, which refuses options the dataset does not take.
     given = {"seed": seed, "n_cases": n_cases, "val_cases": val_cases, "test_cases": test_cases,
+             "stain_spread": stain_spread, "nucleus_density": nucleus_density,
+             "lookalikes_per_field": lookalikes_per_field,
              "min_confidence": min_confidence, "include_unlabelled": include_unlabelled or None,
              "annotations": None if annotations is None else str(annotations),
              "labels": None if labels is None else str(labels)}

@@ -33,6 +33,9 @@ _GREY = np.full(3, 1 / np.sqrt(3))
 _MIN_SPECIAL_DIST = 50.0  # px between mitoses / look-alikes (design centres)
 _SPECIAL_BORDER = 24  # px kept free at the field border so a centroid is well inside
 _SPECIAL_RADIUS = 30.0  # px kept free of normal nuclei around a special object
+_NUCLEUS_SPACING = 26.0  # px between normal-nucleus candidates at nucleus_density 1
+_MIN_GAIN = 0.05  # a wide stain spread never makes a stain vanish or turn negative
+_GAMMA_RANGE = (0.7, 1.3)
 
 
 @dataclass(frozen=True)
@@ -72,16 +75,35 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def case_stain(rng: np.random.Generator) -> Stain:
-    """Stain of one case: hue and strength vary as between labs and scanners."""
-    base_io = rng.uniform(236, 252)
+def _spread(low: float, high: float, spread: float) -> tuple[float, float]:
+    """The range ``low..high`` widened (``spread`` > 1) or narrowed about its centre.
+
+    Written so that ``spread`` 1 returns ``low`` and ``high`` exactly (the draws of the default
+    look do not change by a rounding error) and ``spread`` 0 returns the centre twice.
+    """
+    shrink = (1.0 - spread) * (high - low) / 2
+    return low + shrink, high - shrink
+
+
+def case_stain(rng: np.random.Generator, spread: float = 1.0) -> Stain:
+    """Stain of one case: hue and strength vary as between labs and scanners.
+
+    Args:
+        rng: the case's own generator.
+        spread: multiplier on the case-to-case variation (the sd of the hue noise and the
+            half-width of every range about its centre); 1 is the default look, 0 gives every
+            case the reference stain. Draws are the same in number and order for any spread.
+            Gains stay above 0.05, the background intensity within 225..255 and gamma within
+            0.7..1.3 however wide the spread.
+    """
+    base_io = rng.uniform(*_spread(236, 252, spread))
     return Stain(
-        h=_unit(_H_REF + rng.normal(0, 0.06, 3)),
-        e=_unit(_E_REF + rng.normal(0, 0.07, 3)),
-        h_gain=float(rng.uniform(0.75, 1.25)),
-        e_gain=float(rng.uniform(0.6, 1.35)),
-        io=np.clip(base_io + rng.normal(0, 3.0, 3), 225, 255),
-        gamma=float(rng.uniform(0.9, 1.1)),
+        h=_unit(_H_REF + rng.normal(0, 0.06 * spread, 3)),
+        e=_unit(_E_REF + rng.normal(0, 0.07 * spread, 3)),
+        h_gain=max(float(rng.uniform(*_spread(0.75, 1.25, spread))), _MIN_GAIN),
+        e_gain=max(float(rng.uniform(*_spread(0.6, 1.35, spread))), _MIN_GAIN),
+        io=np.clip(base_io + rng.normal(0, 3.0 * spread, 3), 225, 255),
+        gamma=float(np.clip(rng.uniform(*_spread(0.9, 1.1, spread)), *_GAMMA_RANGE)),
     )
 
 
@@ -478,12 +500,17 @@ def _place_specials(rng, size, tissue_dist, cell, kinds):
     return placed
 
 
-def _place_nuclei(rng, size, tissue_dist, cell, specials):
-    """Jittered-grid candidates thinned by cellularity, then greedy non-overlap."""
-    spacing = 26.0
+def _place_nuclei(rng, size, tissue_dist, cell, specials, density=1.0):
+    """Jittered-grid candidates thinned by cellularity, then greedy non-overlap.
+
+    ``density`` scales the number of candidates per area (the grid spacing shrinks by its
+    square root, the jitter with it); 1 is the default look.
+    """
+    spacing = _NUCLEUS_SPACING / np.sqrt(density)
+    jitter = 9 * spacing / _NUCLEUS_SPACING
     g = np.arange(spacing / 2, size, spacing)
     gy, gx = np.meshgrid(g, g, indexing="ij")
-    pts = np.stack([gy.ravel(), gx.ravel()], 1) + rng.uniform(-9, 9, (gy.size, 2))
+    pts = np.stack([gy.ravel(), gx.ravel()], 1) + rng.uniform(-jitter, jitter, (gy.size, 2))
     pts = np.clip(pts, 0, size - 1)
     iy, ix = pts[:, 0].astype(int), pts[:, 1].astype(int)
     c = cell[iy, ix]
@@ -530,7 +557,8 @@ def _compose(c_h, c_e, tissue_soft, stain: Stain, rng, size) -> np.ndarray:
 
 
 def render_field(rng: np.random.Generator, size: int, stain: Stain, n_mitoses: int,
-                 n_lookalikes: int, edge: bool) -> tuple[np.ndarray, list[RenderedObject]]:
+                 n_lookalikes: int, edge: bool, nucleus_density: float = 1.0,
+                 ) -> tuple[np.ndarray, list[RenderedObject]]:
     """Render one square high-power field.
 
     Args:
@@ -539,6 +567,8 @@ def render_field(rng: np.random.Generator, size: int, stain: Stain, n_mitoses: i
         stain: the field's stain (see ``field_stain``).
         n_mitoses, n_lookalikes: how many to try to place; fewer fit when tissue is scarce.
         edge: whether the field shows a tissue edge with bare glass.
+        nucleus_density: relative number of normal (non-mitotic) nuclei per area; 1 is the
+            default look.
 
     Returns:
         (rgb uint8 (size, size, 3), objects with their haematoxylin centroids).
@@ -556,7 +586,7 @@ def render_field(rng: np.random.Generator, size: int, stain: Stain, n_mitoses: i
     # Shuffled so that, in a crowded field, mitoses and look-alikes are dropped alike.
     kinds = [kinds[i] for i in rng.permutation(len(kinds))]
     specials = _place_specials(rng, size, tissue_dist, cell, kinds)
-    for y, x, kind in _place_nuclei(rng, size, tissue_dist, cell, specials):
+    for y, x, kind in _place_nuclei(rng, size, tissue_dist, cell, specials, nucleus_density):
         _paint_nucleus(c_h, c_e, tex, rng, y, x, kind, fibre_angle)
 
     objects = []

@@ -59,6 +59,9 @@ class SyntheticSpec:
         field_size: side of a square field in pixels (0.25 um/px).
         mitoses_per_field: Poisson mean of mitotic figures per field.
         lookalikes_per_field: Poisson mean of look-alikes (apoptotic, pyknotic, lymphocytes).
+        stain_spread: multiplier on the case-to-case stain variation (hue, strength, background,
+            gamma); 0 gives every case the same reference stain, 2 twice the default spread.
+        nucleus_density: relative number of normal (non-mitotic) nuclei per area, 0.25..4.
         label_noise_fp: fraction of the training look-alikes annotated as mitoses.
         label_noise_fn: fraction of the training mitoses left unannotated.
         val_cases: cases in the validation split.
@@ -71,6 +74,8 @@ class SyntheticSpec:
     field_size: int = 512
     mitoses_per_field: float = 3.5
     lookalikes_per_field: float = 3.0
+    stain_spread: float = 1.0
+    nucleus_density: float = 1.0
     label_noise_fp: float = 0.35
     label_noise_fn: float = 0.15
     val_cases: int = 2
@@ -84,13 +89,17 @@ class SyntheticSpec:
                 raise UsageError(f"synthetic: {name} must be a whole number >= 0, got {value!r}",
                                  hint="see SyntheticSpec in uts_cli/datasets/synthetic.py")
             object.__setattr__(self, name, int(value))  # numpy ints would not survive JSON
-        for name in ("mitoses_per_field", "lookalikes_per_field", "label_noise_fp", "label_noise_fn"):
+        for name in ("mitoses_per_field", "lookalikes_per_field", "stain_spread", "nucleus_density",
+                     "label_noise_fp", "label_noise_fn"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
                     or not np.isfinite(value) or value < 0:
                 raise UsageError(f"synthetic: {name} must be a number >= 0, got {value!r}",
                                  hint="see SyntheticSpec in uts_cli/datasets/synthetic.py")
             object.__setattr__(self, name, float(value))
+        if not 0.25 <= self.nucleus_density <= 4:
+            raise UsageError(f"synthetic: nucleus_density {self.nucleus_density} is outside 0.25..4",
+                             hint="the default is 1 (relative to the default look)")
         if self.label_noise_fp > 1 or self.label_noise_fn > 1:
             raise UsageError("synthetic: label_noise_fp and label_noise_fn are fractions in [0, 1]",
                              hint="e.g. label_noise_fp=0.35")
@@ -149,8 +158,26 @@ def _read_manifest(root: Path) -> dict | None:
     return manifest
 
 
+# Spec fields added after generator version 1 without changing what the other fields render; a
+# manifest written before they existed holds a dataset rendered with these values.
+_ADDED_FIELDS = {"stain_spread": 1.0, "nucleus_density": 1.0}
+
+
+def _stored_spec(manifest: dict) -> dict:
+    """The manifest's spec, with the fields it predates filled in with the values it was made with.
+
+    Raises:
+        InputDataError: the manifest holds no spec.
+    """
+    stored = manifest.get("spec")
+    if not isinstance(stored, dict):
+        raise InputDataError(f"synthetic dataset manifest {MANIFEST} holds no spec",
+                             hint="delete the folder to regenerate the synthetic dataset")
+    return {**_ADDED_FIELDS, **stored}
+
+
 def _same_spec(manifest: dict, spec: SyntheticSpec) -> bool:
-    return manifest.get("generator_version") == GENERATOR_VERSION and manifest.get("spec") == asdict(spec)
+    return manifest.get("generator_version") == GENERATOR_VERSION and _stored_spec(manifest) == asdict(spec)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -229,14 +256,15 @@ def _write_dataset(out: Path, spec: SyntheticSpec, reporter: Reporter) -> dict:
     stains: dict[str, dict] = {}
     reporter.start("Rendering synthetic fields", spec.n_cases * spec.fields_per_case)
     for ci, case in enumerate(cases):
-        stain = _render.case_stain(np.random.default_rng([spec.seed, ci, 0]))
+        stain = _render.case_stain(np.random.default_rng([spec.seed, ci, 0]), spec.stain_spread)
         stains[case] = stain.to_dict()
         for fi, name in enumerate(names):
             rng = np.random.default_rng([spec.seed, ci, fi + 1])
             n_mit = int(rng.poisson(spec.mitoses_per_field))
             n_look = int(rng.poisson(spec.lookalikes_per_field))
             rgb, objs = _render.render_field(rng, spec.field_size, _render.field_stain(stain, rng),
-                                             n_mit, n_look, _has_edge(ci, fi))
+                                             n_mit, n_look, _has_edge(ci, fi),
+                                             nucleus_density=spec.nucleus_density)
             image = f"{case}/{name}.tif"
             _write_tiff(out / "images" / image, rgb)
             objects += [dict(image=image, case=case, split=splits[case], x=o.x, y=o.y,
@@ -368,7 +396,7 @@ def discover(root: str | os.PathLike | None = None, **options) -> DatasetListing
     annotations = read_points_csv(root / "annotations.csv")
     truth = read_points_csv(root / "truth.csv")
     splits = read_splits_file(root / "splits.csv")
-    spec = SyntheticSpec(**manifest["spec"])
+    spec = SyntheticSpec(**_stored_spec(manifest))
     images = []
     for case in case_ids(spec):
         if case not in splits:
@@ -385,7 +413,7 @@ def discover(root: str | os.PathLike | None = None, **options) -> DatasetListing
 
 
 def _check_requested(root: Path, manifest: dict, given: dict) -> None:
-    stored = manifest.get("spec", {})
+    stored = _stored_spec(manifest)
     diff = [f"{k}={stored.get(k)!r} (asked {v!r})" for k, v in given.items() if stored.get(k) != v]
     if diff:
         raise UsageError(f"{root} holds a synthetic dataset with {', '.join(diff)}",
