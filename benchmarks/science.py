@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from uts_cli.api.demo import PROFILES, STABILITY_OPTIONS, demo_store, profile_config, teacher_config
+from uts_cli.api.demo import DEMO_TEACH_OPTIONS, PROFILES, demo_store, profile_config, teacher_config
 from uts_cli.api.distill import _score_teacher, _truth_audit, distill
 from uts_cli.api.evaluate import evaluate
 from uts_cli.api.teach import teach
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
     for seed in args.seeds:
         ts = time.monotonic()
         cfg = profile_config(args.profile, workdir=args.workdir / f"seed{seed}", seed=seed, device=args.device,
-                             criterion=args.criterion, lr=args.lr, teach_options={**STABILITY_OPTIONS, **options},
+                             criterion=args.criterion, lr=args.lr, teach_options={**DEMO_TEACH_OPTIONS, **options},
                              dataset_options=looks,
                              n_cases=args.n_cases,
                              n_blocks=args.n_blocks, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,

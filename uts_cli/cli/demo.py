@@ -27,10 +27,10 @@ def demo_cmd(
                                           file_okay=False)] = Path("uts-demo"),
     seed: SeedOpt = 0,
     profile: Annotated[Profile, typer.Option(
-        "--profile", help="default: minutes on a laptop CPU; full: longer training on 256 px patches, for "
-                          "figures (see the README for times).")] = Profile.default,
+        "--profile", help="default: minutes on a laptop CPU; full: twice the cases (48) and twice the "
+                          "steps, for figures (see the README for times).")] = Profile.default,
     patch_size: Annotated[Optional[int], typer.Option(
-        "--patch-size", min=32, help="Patch side in pixels (default: the profile's, 128 or 256).")] = None,
+        "--patch-size", min=32, help="Patch side in pixels (default: the profile's, 128).")] = None,
     epochs: Annotated[Optional[int], typer.Option(
         min=1, help="Epochs for teacher and student (default: the profile's).")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(

@@ -50,7 +50,7 @@ def teach_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
     arch: Annotated[Arch, typer.Option(help="Backbone.")] = Arch.resnet18,
     n_blocks: Annotated[int, typer.Option("--n-blocks", min=1, max=4, help="Residual stages kept.")] = 3,
-    aggregation: Annotated[Aggregation, typer.Option(help="CAM pooling to the image logit.")] = Aggregation.max,
+    aggregation: Annotated[Aggregation, typer.Option(help="CAM pooling to the image logit (lse: log-mean-exp, between max and mean).")] = Aggregation.max,
     mode: Annotated[Mode, typer.Option(help="Pool the CAM (instance) or the features (embedding).")] = Mode.instance,
     weights: Annotated[str, typer.Option(
         "--weights", help="Backbone init: imagenet (from the local torch cache), none, or a file.")] = "imagenet",
