@@ -133,6 +133,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", default="default", choices=sorted(PROFILES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--criterion", default="TP", choices=FILTERS)
+    parser.add_argument("--keep-negatives", action="store_true",
+                        help="the filter judges the positives only (student runs named student-keepneg-s<N>)")
     parser.add_argument("--lr", type=float, default=None)
     for flag in ("--n-cases", "--n-blocks", "--epochs", "--steps-per-epoch", "--patch-size", "--batch-size"):
         parser.add_argument(flag, type=int, default=None, help="override the profile's value")
@@ -164,7 +166,7 @@ def main(argv: list[str]) -> int:
                              patch_size=args.patch_size, batch_size=args.batch_size)
         store = demo_store(cfg)
         runs = Path(cfg.workdir) / f"runs-{args.tag}"
-        tname, sname = f"teacher-s{seed}", f"student-s{seed}"
+        tname, sname = f"teacher-s{seed}", f"student{'-keepneg' if args.keep_negatives else ''}-s{seed}"
         done = runs / tname / "metrics.json"
         reuse = args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "complete"
         tres = teach(teacher_config(cfg, store, tname, runs, resume=reuse, overwrite=not reuse))
@@ -174,7 +176,7 @@ def main(argv: list[str]) -> int:
         d = None
         if not args.teacher_only:
             d = distill(DistillConfig(teacher=runs / tname, name=sname, runs_dir=runs, criterion=args.criterion,
-                                      device=args.device, workers=cfg.workers, overwrite=True))
+                                      keep_negatives=args.keep_negatives, device=args.device, workers=cfg.workers, overwrite=True))
             models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)))
         if args.control:
             teach(teacher_config(cfg, store, f"teacher2x-s{seed}", runs, epochs=2 * cfg.epochs))
@@ -193,7 +195,7 @@ def main(argv: list[str]) -> int:
         # Rewritten after every seed: an unfinished study still leaves its finished seeds behind.
         settings = {**{k: v for k, v in dataclasses.asdict(cfg).items()
                        if k not in ("workdir", "seed", "teach_options", "dataset_options")},
-                    **options, **looks}
+                    **options, **looks, "keep_negatives": args.keep_negatives}
         header = ["# Teacher vs student on the synthetic dataset", "",
                   f"Command: `python {' '.join(['benchmarks/science.py', *argv])}`  ",
                   f"Settings: {json.dumps(settings, default=str)}  ",

@@ -293,6 +293,7 @@ class DistillConfig:
     runs_dir: Path = Path("runs")
     criterion: str = "TP"
     pseudolabel: bool = False
+    keep_negatives: bool = False        # filter the positives only (negatives are never removed)
     radius_px: float = 30.0
     # Student settings (TeachConfig field names); None inherits the teacher's value.
     overrides: dict[str, Any] = field(default_factory=dict)

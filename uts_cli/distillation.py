@@ -12,6 +12,9 @@ removed; among the remaining positives the ``--filter`` criterion looks at local
   just right; the peak's position does not.
 
 With ``pseudolabel`` nothing is removed: the labels are replaced by the teacher's decision.
+With ``keep_negatives`` the patches without an annotated mitosis are never removed or relabelled:
+the filter judges the positives only (most negatives the teacher calls positive hold a look-alike
+or dense tissue, the hard negatives a student most needs; docs/science.md).
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ class Decision:
 
 def decide(labels: np.ndarray, probs: np.ndarray, threshold: float, tp: np.ndarray, fp: np.ndarray,
            fn: np.ndarray, criterion: str = "TP", pseudolabel: bool = False,
-           peak_near: np.ndarray | None = None) -> Decision:
+           peak_near: np.ndarray | None = None, keep_negatives: bool = False) -> Decision:
     """Apply the disagreement filter to teacher predictions.
 
     Args:
@@ -63,6 +66,7 @@ def decide(labels: np.ndarray, probs: np.ndarray, threshold: float, tp: np.ndarr
         pseudolabel: relabel instead of removing.
         peak_near: (N,) bool, the teacher's CAM peak lies within the matching radius of an
             annotated mitosis (needed by ``PEAK``).
+        keep_negatives: never remove (or relabel) a sample labelled negative.
 
     Returns:
         The decision per sample.
@@ -79,7 +83,8 @@ def decide(labels: np.ndarray, probs: np.ndarray, threshold: float, tp: np.ndarr
     pred = (np.asarray(probs) >= threshold).astype(np.uint8)
     tp, fp, fn = (np.asarray(a) for a in (tp, fp, fn))
     reason = np.full(len(labels), KEEP, dtype=object)
-    reason[(pred == 1) & (labels == 0)] = "image_fp"
+    if not keep_negatives:
+        reason[(pred == 1) & (labels == 0)] = "image_fp"
     reason[(pred == 0) & (labels == 1)] = "image_fn"
     both = (pred == 1) & (labels == 1)
     if criterion == "TP":
@@ -92,5 +97,6 @@ def decide(labels: np.ndarray, probs: np.ndarray, threshold: float, tp: np.ndarr
         reason[both & ~((tp > 0) & (fp == 0) & (fn == 0))] = "not_perfect"
     if pseudolabel:
         # Keep every sample; trust the teacher's image-level decision over the annotation.
-        return Decision(keep=np.ones(len(labels), bool), reason=reason.astype(str), label=pred)
+        new_label = np.where(labels == 0, 0, pred).astype(np.uint8) if keep_negatives else pred
+        return Decision(keep=np.ones(len(labels), bool), reason=reason.astype(str), label=new_label)
     return Decision(keep=reason == KEEP, reason=reason.astype(str), label=labels)

@@ -111,3 +111,14 @@ def test_pseudolabel_relabels_instead_of_removing(monkeypatch, setup):
     # The student trained on the teacher's labels: the image-level disagreements flipped.
     cfg = json.loads((setup[1] / "s-pseudo" / "config.json").read_text())
     assert cfg["distill"]["pseudolabel"] is True
+
+
+def test_keep_negatives_keeps_the_negative_the_teacher_calls_positive(monkeypatch, setup):
+    doc, rows, kept, roles = _distill(monkeypatch, setup, "s-keepneg", "--keep-negatives")
+    assert {roles[int(r["patch"])]: r["reason"] for r in rows} == {
+        "image_fn": "image_fn", "no_tp_peak_on": "no_tp", "no_tp_peak_away": "no_tp"}
+    image_fp = next(k for k, role in roles.items() if role == "image_fp")
+    assert image_fp in kept.tolist() and doc["n_train_kept"] == len(setup[3]) - 3
+    summary = json.loads((setup[1] / "s-keepneg" / "distill" / "summary.json").read_text())
+    assert summary["keep_negatives"] is True
+    assert json.loads((setup[1] / "s-keepneg" / "config.json").read_text())["distill"]["keep_negatives"] is True

@@ -20,8 +20,9 @@ CASES = [
 LABEL, PROB, TP, FP, FN, PEAK = (np.array([c[i] for c in CASES]) for i in range(1, 7))
 
 
-def run(criterion, pseudolabel=False):
-    return decide(LABEL, PROB, 0.5, TP, FP, FN, criterion, pseudolabel, peak_near=PEAK.astype(bool))
+def run(criterion, pseudolabel=False, keep_negatives=False):
+    return decide(LABEL, PROB, 0.5, TP, FP, FN, criterion, pseudolabel, peak_near=PEAK.astype(bool),
+                  keep_negatives=keep_negatives)
 
 
 @pytest.mark.parametrize("criterion, reasons", [
@@ -67,3 +68,21 @@ def test_cam_peak_near():
     assert cam_peak_near(cam, np.array([[45.0, 22.0]]), radius=10)
     assert not cam_peak_near(cam, np.array([[10.0, 10.0]]), radius=10)
     assert not cam_peak_near(cam, np.zeros((0, 2)), radius=10)
+
+
+@pytest.mark.parametrize("criterion", ["TP", "FP", "FP_TP", "PEAK"])
+def test_keep_negatives_judges_the_positives_only(criterion):
+    plain, kept = run(criterion), run(criterion, keep_negatives=True)
+    negative = LABEL == 0
+    assert kept.keep[negative].all() and (kept.reason[negative] == "").all()
+    assert not plain.keep[1]                             # the negative the teacher calls positive
+    # The positives get the same decision either way.
+    assert (kept.keep[~negative] == plain.keep[~negative]).all()
+    assert list(kept.reason[~negative]) == list(plain.reason[~negative])
+
+
+def test_keep_negatives_with_pseudolabel_relabels_positives_only():
+    d = run("TP", pseudolabel=True, keep_negatives=True)
+    assert d.keep.all()
+    assert list(d.label) == [0 if lab == 0 else int(p >= 0.5) for lab, p in zip(LABEL, PROB)]
+    assert d.label[1] == 0 and d.label[2] == 0           # negative kept negative; positive relabelled

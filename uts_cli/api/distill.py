@@ -375,6 +375,8 @@ def _distill(cfg: DistillConfig, reporter: Reporter | None, device) -> DistillRe
         # Scores saved before the CAM peaks were recorded lack them: PEAK must not reuse those.
         score_key["peaks"] = True
     decision_key = {"criterion": cfg.criterion, "pseudolabel": bool(cfg.pseudolabel)}
+    if cfg.keep_negatives:  # only when set, so the scores cached by earlier versions stay valid
+        decision_key["keep_negatives"] = True
 
     # The student folder exists from here on; everything below can be resumed.
     if cfg.resume and student.path.is_dir():
@@ -400,7 +402,7 @@ def _distill(cfg: DistillConfig, reporter: Reporter | None, device) -> DistillRe
             if trained:
                 raise UsageError(f"the student in {student.path} was trained with other filter settings "
                                  f"({cached[0].get('decision')})",
-                                 hint="rerun with the same --filter/--pseudolabel, or --overwrite the student")
+                                 hint="rerun with the same --filter/--pseudolabel/--keep-negatives, or --overwrite the student")
             decisions = {}
         log.log(f"reusing the teacher's scores from {scores_path}")
     else:
@@ -427,7 +429,7 @@ def _distill(cfg: DistillConfig, reporter: Reporter | None, device) -> DistillRe
         for split, sc in scores.items():
             decisions[split] = None if sc is None else decide(
                 store.label[sc.indices], sc.probs, threshold, sc.tp, sc.fp, sc.fn, cfg.criterion, cfg.pseudolabel,
-                peak_near=sc.peak_near)
+                peak_near=sc.peak_near, keep_negatives=cfg.keep_negatives)
         on_main(lambda: _save_scores(scores_path, {"score": score_key, "decision": decision_key}, scores,
                                      decisions))
 
@@ -464,6 +466,7 @@ def _distill(cfg: DistillConfig, reporter: Reporter | None, device) -> DistillRe
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
     lookalikes, real = _truth_audit(store, removed_train)
     summary = {"teacher": str(teacher_dir), "criterion": cfg.criterion, "pseudolabel": cfg.pseudolabel,
+               "keep_negatives": cfg.keep_negatives,
                "threshold": threshold, "pixel_threshold": pixel_threshold, "radius_px": cfg.radius_px,
                "n_train_before": int(len(train_idx)), "n_train_kept": int(len(kept_train)),
                "n_val_before": int(len(val_idx)), "n_val_kept": int(len(kept_val)),

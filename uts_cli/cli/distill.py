@@ -36,6 +36,9 @@ def distill_cmd(
                          "whose CAM peak lies within the radius of its annotated mitosis.")] = Filter.TP,
     pseudolabel: Annotated[bool, typer.Option(
         "--pseudolabel", help="Replace labels by the teacher's decisions instead of removing samples.")] = False,
+    keep_negatives: Annotated[bool, typer.Option(
+        "--keep-negatives", help="Judge the positives only: never remove (or relabel) a patch without an "
+                                 "annotated mitosis, even when the teacher calls it positive.")] = False,
     radius_px: Annotated[float, typer.Option("--radius-px", min=0.0, help="Matching radius in pixels.")] = 30.0,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Student epochs (default: the teacher's).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Student learning rate (default: the teacher's).")] = None,
@@ -62,7 +65,7 @@ def distill_cmd(
     overrides = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
                  "weights": weights, "seed": seed, "pixel_threshold": pixel_threshold and pixel_threshold.value, "augment": augment}
     cfg = DistillConfig(teacher=Path(teacher), name=name, runs_dir=runs_dir, criterion=criterion.value,
-                        pseudolabel=pseudolabel, radius_px=radius_px, overrides=overrides, device=device,
+                        pseudolabel=pseudolabel, keep_negatives=keep_negatives, radius_px=radius_px, overrides=overrides, device=device,
                         workers=workers, resume=resume, overwrite=overwrite)
     result = distill(cfg, CliReporter())
     from uts_cli.distributed import env_context
