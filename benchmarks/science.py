@@ -83,9 +83,27 @@ def audit_filters(run: Path, store_path: Path, device: str, radius: float = 30.0
         d = decide(labels, probs, threshold, tp, fp, fn, crit, peak_near=peak)
         rn, rr = _truth_audit(store, idx[~d.keep])
         out[crit] = {"removed_noisy": rn, "removed_real": rr, "kept": int(d.keep.sum())}
+    out["negatives"] = negative_audit(store, idx[labels == 0], decide(labels, probs, threshold, tp, fp, fn, "TP").keep[labels == 0])
     d = decide(labels, probs, threshold, tp, fp, fn, "TP", pseudolabel=True)
     rn, rr = _truth_audit(store, idx[(labels == 1) & (d.label == 0)])
     out["pseudolabel"] = {"removed_noisy": rn, "removed_real": rr, "kept": len(idx)}
+    return out
+
+
+def negative_audit(store, negatives, kept) -> dict:
+    """What the image-level rule (a negative the teacher calls positive) removes, against the clean truth.
+
+    Returns:
+        counts of the training negatives that hold a real mitosis (unannotated: the noisy ones), a
+        look-alike (and no mitosis) or neither, in all and among the removed (``removed_*``).
+    """
+    out = {"with_mitosis": 0, "with_lookalike": 0, "plain": 0}
+    out.update({f"removed_{k}": 0 for k in list(out)})
+    for k, keep in zip(negatives, kept):
+        _, kind = store.truth_for(int(k))
+        what = "with_mitosis" if (kind == 0).any() else "with_lookalike" if len(kind) else "plain"
+        out[what] += 1
+        out[f"removed_{what}"] += int(not keep)
     return out
 
 
