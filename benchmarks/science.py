@@ -83,7 +83,8 @@ def audit_filters(run: Path, store_path: Path, device: str, radius: float = 30.0
         d = decide(labels, probs, threshold, tp, fp, fn, crit, peak_near=peak)
         rn, rr = _truth_audit(store, idx[~d.keep])
         out[crit] = {"removed_noisy": rn, "removed_real": rr, "kept": int(d.keep.sum())}
-    out["negatives"] = negative_audit(store, idx[labels == 0], decide(labels, probs, threshold, tp, fp, fn, "TP").keep[labels == 0])
+        if crit == "TP":  # the image-level rule on negatives is the same for every criterion
+            out["negatives"] = negative_audit(store, idx[labels == 0], d.keep[labels == 0])
     d = decide(labels, probs, threshold, tp, fp, fn, "TP", pseudolabel=True)
     rn, rr = _truth_audit(store, idx[(labels == 1) & (d.label == 0)])
     out["pseudolabel"] = {"removed_noisy": rn, "removed_real": rr, "kept": len(idx)}
@@ -105,6 +106,12 @@ def negative_audit(store, negatives, kept) -> dict:
         out[what] += 1
         out[f"removed_{what}"] += int(not keep)
     return out
+
+
+def _given(args: argparse.Namespace, flags: dict) -> dict:
+    """``{field: value}`` of the ``flags`` (flag -> (field, type)) given on the command line."""
+    values = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in flags.items()}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _fmt(values: list[float]) -> str:
@@ -161,15 +168,14 @@ def main(argv: list[str]) -> int:
                         help="reuse a teacher run of this tag that finished training (resume instead of retrain)")
     parser.add_argument("--control", action="store_true",
                         help="also train a teacher for twice the epochs (the student's compute) as a control")
+    parser.add_argument("--control-only", action="store_true",
+                        help="train and score only that control (adds it to a study run without --control)")
     for flag, (_, kind) in TEACH_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None)
     for flag, (_, kind) in DATASET_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help="synthetic dataset look (default: the renderer's)")
     args = parser.parse_args(argv)
-    options = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in TEACH_FLAGS.items()}
-    options = {k: v for k, v in options.items() if v is not None}
-    looks = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in DATASET_FLAGS.items()}
-    looks = {k: v for k, v in looks.items() if v is not None}
+    options, looks = _given(args, TEACH_FLAGS), _given(args, DATASET_FLAGS)
     out = args.out or Path(f"benchmarks/results/science-{args.tag}.md")
 
     rows, raw, audits = [], [], {}
@@ -187,16 +193,19 @@ def main(argv: list[str]) -> int:
         tname, sname = f"teacher-s{seed}", f"student{'-keepneg' if args.keep_negatives else ''}-s{seed}"
         done = runs / tname / "metrics.json"
         reuse = args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "complete"
-        tres = teach(teacher_config(cfg, store, tname, runs, resume=reuse, overwrite=not reuse))
-        models = {"teacher": _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)))}
-        audits[seed] = audit_filters(runs / tname, store, args.device)
-        extra = {"teacher_best_epoch": tres.best_epoch, "teacher_pixel_threshold_at_edge": tres.pixel_threshold_at_edge}
-        d = None
-        if not args.teacher_only:
-            d = distill(DistillConfig(teacher=runs / tname, name=sname, runs_dir=runs, criterion=args.criterion,
-                                      keep_negatives=args.keep_negatives, device=args.device, workers=cfg.workers, overwrite=True))
-            models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)))
-        if args.control:
+        models, extra, d = {}, {}, None
+        if not args.control_only:
+            tres = teach(teacher_config(cfg, store, tname, runs, resume=reuse, overwrite=not reuse))
+            models["teacher"] = _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)))
+            audits[seed] = audit_filters(runs / tname, store, args.device)
+            extra = {"teacher_best_epoch": tres.best_epoch,
+                     "teacher_pixel_threshold_at_edge": tres.pixel_threshold_at_edge}
+            if not args.teacher_only:
+                d = distill(DistillConfig(teacher=runs / tname, name=sname, runs_dir=runs, criterion=args.criterion,
+                                          keep_negatives=args.keep_negatives, device=args.device,
+                                          workers=cfg.workers, overwrite=True))
+                models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)))
+        if args.control or args.control_only:
             teach(teacher_config(cfg, store, f"teacher2x-s{seed}", runs, epochs=2 * cfg.epochs))
             models["teacher 2x epochs"] = _region(evaluate(EvalConfig(run=runs / f"teacher2x-s{seed}", split="test",
                                                                       device=args.device)))
@@ -207,7 +216,7 @@ def main(argv: list[str]) -> int:
             if who == "student" and d is not None:
                 rows[-1]["kept"] = f"{d.n_train_kept}/{d.n_train_before}"
                 rows[-1]["removed"] = f"{d.removed_true_lookalikes} look-alike / {d.removed_true_mitoses} real"
-        raw.append({"seed": seed, "models": models, "audit": audits[seed], **extra, "seconds": round(time.monotonic() - ts, 1),
+        raw.append({"seed": seed, "models": models, "audit": audits.get(seed), **extra, "seconds": round(time.monotonic() - ts, 1),
                     "distill": None if d is None else {k: v for k, v in dataclasses.asdict(d).items() if k != "student"}})
         print(json.dumps(rows[-len(models):]), flush=True)
         # Rewritten after every seed: an unfinished study still leaves its finished seeds behind.
