@@ -110,6 +110,9 @@ def test_resume_of_a_finished_run_extends_it(trained, tmp_path):
     assert r.exit_code == 0, r.stderr
     epochs = [row["epoch"] for row in json.loads(r.stdout)["history"]]
     assert epochs == [1, 2]
+    env = json.loads((runs / "r" / "env.json").read_text())
+    assert len(env["resumed"]) == 1  # the first session's environment stays, the resume is added
+    assert env["recorded_at"] <= env["resumed"][0]["recorded_at"]
 
 
 def test_cuda_requested_without_cuda_is_resource_error(tiny_store, tmp_path, monkeypatch):

@@ -207,3 +207,22 @@ def test_restart_reuses_an_early_killed_run_but_not_a_foreign_folder(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("not a run")
     with pytest.raises(UsageError, match="does not look like a uts run"):
         RunDir(tmp_path / "mine").restart()
+
+
+def test_a_resume_adds_its_environment_and_keeps_the_first(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create()
+    run.write_env({"torch": "2.4", "hostname": "a"})
+    run.add_resumed_env({"torch": "2.5", "hostname": "b"})
+    run.add_resumed_env({"torch": "2.6", "hostname": "c"})
+    env = json.loads(run.env_path.read_text())
+    assert (env["torch"], env["hostname"]) == ("2.4", "a")
+    assert [e["hostname"] for e in env["resumed"]] == ["b", "c"]
+
+
+def test_a_resume_without_a_readable_env_writes_its_own(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create()
+    run.env_path.write_text("{not json")
+    run.add_resumed_env({"hostname": "b"})
+    assert json.loads(run.env_path.read_text()) == {"hostname": "b"}

@@ -150,7 +150,7 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
 
         distributed.on_main(create)
     if resuming and ctx.is_main:
-        run.write_env(env)
+        run.add_resumed_env(env)
     if ctx.is_main:
         reporter = RunLogReporter(reporter, run)
     where = f", {ctx.world_size} processes ({ctx.backend})" if ctx.enabled else ""

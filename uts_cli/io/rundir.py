@@ -282,6 +282,23 @@ class RunDir:
     def write_env(self, env: dict) -> None:
         atomic_write_json(self.env_path, env)
 
+    def add_resumed_env(self, env: dict) -> None:
+        """Record the software and machine of a resumed session beside the run's first one.
+
+        ``env.json`` keeps what the run started on; each resume appends to its ``resumed`` list, so
+        a run trained partly on another machine or torch version says so. An unreadable or missing
+        ``env.json`` (older runs) is replaced by this session's, as before.
+        """
+        try:
+            first = json.loads(self.env_path.read_text())
+        except (OSError, ValueError):
+            first = None
+        if not isinstance(first, dict):
+            self.write_env(env)
+            return
+        first["resumed"] = [*first.get("resumed", []), env]
+        atomic_write_json(self.env_path, first)
+
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.metrics_path, metrics)
 
