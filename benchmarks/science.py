@@ -17,6 +17,7 @@ student), which is how the training options are compared cheaply.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import statistics
@@ -31,6 +32,10 @@ from uts_cli.api.teach import teach
 from uts_cli.choices import FILTERS
 from uts_cli.config import DistillConfig, EvalConfig
 from uts_cli.distillation import decide
+from uts_cli.io.store import PatchStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from filter_bound import separability  # noqa: E402  (a sibling script, not a package)
 
 TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
     "--select": ("select", str), "--aggregation": ("aggregation", str), "--cam-upsample": ("cam_upsample", str),
@@ -46,8 +51,30 @@ DATASET_FLAGS = {  # flag -> (SyntheticSpec field, type): the look of the render
 }
 
 
-def _region(ev) -> dict:
-    return {"run": str(ev.run), "threshold": ev.threshold, "region": ev.region, "image_level": ev.image_level}
+def _region(ev, store_path: Path) -> dict:
+    out = {"run": str(ev.run), "threshold": ev.threshold, "region": ev.region, "image_level": ev.image_level}
+    out["f1_boot_sd"] = field_bootstrap_sd(Path(ev.run) / "eval-test" / "matches.csv", store_path)
+    return out
+
+
+def field_bootstrap_sd(matches_csv: Path, store_path: Path, n: int = 2000, seed: int = 0) -> float:
+    """Standard deviation of the test F1 when the test fields are resampled with replacement.
+
+    How much of a seed's F1 is the luck of its few test fields: a seed-to-seed spread no larger
+    than this says little about the training. Fields with no detection and no mitosis count too.
+    """
+    import numpy as np
+
+    store = PatchStore(store_path)
+    test_images = np.unique(store.image_idx[store.indices("test")])
+    counts = {store.image_ids[int(i)]: np.zeros(3) for i in test_images}
+    with open(matches_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            counts.setdefault(row["image"], np.zeros(3))[("TP", "FP", "FN").index(row["status"])] += 1
+    table = np.array(list(counts.values()))
+    draws = table[np.random.default_rng(seed).integers(0, len(table), (n, len(table)))].sum(axis=1)
+    tp, fp, fn = draws.T
+    return float(np.std(2 * tp / np.maximum(1, 2 * tp + fp + fn)))
 
 
 def audit_filters(run: Path, store_path: Path, device: str, radius: float = 30.0) -> dict:
@@ -122,10 +149,11 @@ def _fmt(values: list[float]) -> str:
 
 def report(rows: list[dict], audits: dict, header: list[str]) -> str:
     lines = header + ["", "Test split, clean truth, region level (fields stitched), one-to-one matching within 30 px.",
+                      "F1 ± sd: the sd of that seed's F1 over bootstrap resamples of its test fields (2,000 draws).",
                       "", "| seed | model | precision | recall | F1 | TP | FP | FN | image F1 | pixel threshold | student kept | removed positives (truth) |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['model']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+        lines.append(f"| {r['seed']} | {r['model']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} ± {r['f1_boot_sd']:.3f} | "
                      f"{r['tp']} | {r['fp']} | {r['fn']} | {r['image_f1']:.3f} | {r['threshold']:.2f} | "
                      f"{r.get('kept', '')} | {r.get('removed', '')} |")
     lines += ["", "| model | precision | recall | F1 (mean ± sd over seeds) | seeds |", "| --- | --- | --- | --- | --- |"]
@@ -146,6 +174,17 @@ def report(rows: list[dict], audits: dict, header: list[str]) -> str:
             nr = [a[c]["removed_noisy"] / max(1, a["noisy"]) for a in audits.values()]
             rk = [1 - a[c]["removed_real"] / max(1, a["real"]) for a in audits.values()]
             lines.append(f"| {c} | {_fmt(nr)} | {_fmt(rk)} |")
+        seps = {seed: a["separability"] for seed, a in audits.items() if "separability" in a}
+        if seps:
+            lines += ["", "Separability of the training positives by the teacher (benchmarks/filter_bound.py): ROC AUC "
+                          "real vs noisy, and the best any threshold does (noisy removed at 80 % real kept / real "
+                          "kept at 90 % noisy removed), for the CAM peak near the annotated point and the image "
+                          "probability.", "", "| seed | near: AUC | near: best trade | image: AUC | image: best trade |",
+                      "| --- | --- | --- | --- | --- |"]
+            for seed, sp in seps.items():
+                lines.append(f"| {seed} | " + " | ".join(
+                    f"{sp[k]['auc']:.3f} | {sp[k]['noisy_removed_at_80_real_kept']:.2f} / "
+                    f"{sp[k]['real_kept_at_90_noisy_removed']:.2f}" for k in ("near", "image")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -196,23 +235,25 @@ def main(argv: list[str]) -> int:
         models, extra, d = {}, {}, None
         if not args.control_only:
             tres = teach(teacher_config(cfg, store, tname, runs, resume=reuse, overwrite=not reuse))
-            models["teacher"] = _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)))
+            models["teacher"] = _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)), store)
             audits[seed] = audit_filters(runs / tname, store, args.device)
+            audits[seed]["separability"] = separability(runs / tname, store, args.device)
             extra = {"teacher_best_epoch": tres.best_epoch,
                      "teacher_pixel_threshold_at_edge": tres.pixel_threshold_at_edge}
             if not args.teacher_only:
                 d = distill(DistillConfig(teacher=runs / tname, name=sname, runs_dir=runs, criterion=args.criterion,
                                           keep_negatives=args.keep_negatives, device=args.device,
                                           workers=cfg.workers, overwrite=True))
-                models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)))
+                models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)), store)
         if args.control or args.control_only:
             teach(teacher_config(cfg, store, f"teacher2x-s{seed}", runs, epochs=2 * cfg.epochs))
             models["teacher 2x epochs"] = _region(evaluate(EvalConfig(run=runs / f"teacher2x-s{seed}", split="test",
-                                                                      device=args.device)))
+                                                                      device=args.device)), store)
         for who, m in models.items():
             r = m["region"]
             rows.append({"seed": seed, "model": who, **{k: r[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")},
-                         "image_f1": m["image_level"]["f1"], "threshold": m["threshold"]})
+                         "image_f1": m["image_level"]["f1"], "threshold": m["threshold"],
+                         "f1_boot_sd": m["f1_boot_sd"]})
             if who == "student" and d is not None:
                 rows[-1]["kept"] = f"{d.n_train_kept}/{d.n_train_before}"
                 rows[-1]["removed"] = f"{d.removed_true_lookalikes} look-alike / {d.removed_true_mitoses} real"
