@@ -28,7 +28,7 @@ from pathlib import Path
 from uts_cli.api.demo import DEMO_TEACH_OPTIONS, PROFILES, demo_store, profile_config, teacher_config
 from uts_cli.api.distill import _score_teacher, _truth_audit, distill
 from uts_cli.api.evaluate import evaluate
-from uts_cli.api.teach import teach
+from uts_cli.api.teach import teach, train_run
 from uts_cli.choices import FILTERS
 from uts_cli.config import DistillConfig, EvalConfig
 from uts_cli.distillation import decide
@@ -116,6 +116,17 @@ def audit_filters(run: Path, store_path: Path, device: str, radius: float = 30.0
     rn, rr = _truth_audit(store, idx[(labels == 1) & (d.label == 0)])
     out["pseudolabel"] = {"removed_noisy": rn, "removed_real": rr, "kept": len(idx)}
     return out
+
+
+def clean_labels(store_path: Path):
+    """Per-patch labels from the clean truth: 1 where the patch holds a true mitosis."""
+    import numpy as np
+
+    store = PatchStore(store_path)
+    pidx, _, kind = store.all_points(truth=True)
+    labels = np.zeros(len(store), np.uint8)
+    labels[pidx[kind == 0]] = 1
+    return labels
 
 
 def negative_audit(store, negatives, kept) -> dict:
@@ -209,6 +220,9 @@ def main(argv: list[str]) -> int:
                         help="also train a teacher for twice the epochs (the student's compute) as a control")
     parser.add_argument("--control-only", action="store_true",
                         help="train and score only that control (adds it to a study run without --control)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also train a teacher on the clean truth (labels and points), with the teacher's "
+                             "settings: the ceiling that removing all label noise would reach")
     for flag, (_, kind) in TEACH_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None)
     for flag, (_, kind) in DATASET_FLAGS.items():
@@ -245,6 +259,12 @@ def main(argv: list[str]) -> int:
                                           keep_negatives=args.keep_negatives, device=args.device,
                                           workers=cfg.workers, overwrite=True))
                 models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)), store)
+        if args.oracle:
+            oname = f"teacher-oracle-s{seed}"
+            train_run(teacher_config(cfg, store, oname, runs, use_truth=True), labels=clean_labels(store),
+                      extra_config={"labels": "clean truth (benchmarks/science.py --oracle)"})
+            models["teacher on clean labels"] = _region(evaluate(EvalConfig(run=runs / oname, split="test",
+                                                                            device=args.device)), store)
         if args.control or args.control_only:
             teach(teacher_config(cfg, store, f"teacher2x-s{seed}", runs, epochs=2 * cfg.epochs))
             models["teacher 2x epochs"] = _region(evaluate(EvalConfig(run=runs / f"teacher2x-s{seed}", split="test",
