@@ -42,6 +42,7 @@ TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
     "--optimizer": ("optimizer", str), "--weight-decay": ("weight_decay", float),
     "--lr-schedule": ("lr_schedule", str), "--warmup-epochs": ("warmup_epochs", float),
     "--ema-decay": ("ema_decay", float), "--bn-reestimate": ("bn_reestimate", int),
+    "--trim-positives": ("trim_positives", float),
     "--location": ("location", str), "--alpha-location": ("alpha_location", float),
     "--margin": ("margin", float), "--temperature": ("temperature", float),
 }

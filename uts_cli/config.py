@@ -132,6 +132,9 @@ class TeachConfig:
             saved as the checkpoints' model and so used by eval/distill/predict (0 = off).
         bn_reestimate: batches of unaugmented training patches (natural class mix) over which the
             BatchNorm statistics are recomputed before each validation (0 = off).
+        trim_positives: after the first epoch, this share of each batch's positives, those with
+            the highest image-level loss, is left out of both losses (small-loss selection against
+            noisy labels; 0 = off).
         amp: ``auto``, ``off``, ``bf16`` or ``fp16``.
         seed: seeds sampling, augmentation and the initial weights.
         workers: DataLoader worker processes.
@@ -181,6 +184,7 @@ class TeachConfig:
     warmup_epochs: float = 1.0
     ema_decay: float = 0.0
     bn_reestimate: int = 0
+    trim_positives: float = 0.0
     amp: str = "auto"
     seed: int = 0
     workers: int = 2
@@ -218,6 +222,8 @@ class TeachConfig:
             (self.warmup_epochs >= 0, "warm-up must be >= 0 epochs", "use --warmup-epochs 0 or more"),
             (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)", "use e.g. --ema-decay 0.99, or 0 for off"),
             (self.bn_reestimate >= 0, "bn_reestimate must be >= 0", "use --bn-reestimate 0 (off) or a number of batches"),
+            (0 <= self.trim_positives < 1, "trim_positives must be in [0, 1)",
+             "use e.g. --trim-positives 0.25, or 0 for off"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other",
              "give one of them"),
             # Otherwise the flag would be accepted and change nothing: only the location loss reads points.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from uts_cli.config import SCHEMA_VERSION, TeachConfig
 from uts_cli.model.fit import fit
-from uts_cli.model.losses import extended_log_barrier, location_loss, soft_centroid
+from uts_cli.model.losses import extended_log_barrier, location_loss, soft_centroid, trim_positives_mask
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")
@@ -240,6 +240,26 @@ def test_soft_centroid_and_location_losses():
     assert n == 0 and float(loss) == 0.0
     lb, _ = location_loss(cam, points, mask, torch.tensor([1.0, 0.0]), (36, 36), "lb", margin=40, tlb=50)
     assert float(lb) == pytest.approx(-math.log(40) / 50, rel=0.01)
+
+
+def test_trim_positives_drops_the_highest_loss_positives_only():
+    loss = torch.tensor([0.1, 5.0, 0.2, 3.0, 9.0, 0.3, 4.0, 0.5])
+    labels = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    # 7 positives: floor(0.25 * 7) = 1 dropped (the 5.0); the negative with the highest loss stays.
+    assert trim_positives_mask(loss, labels, 0.25).tolist() == [1, 0, 1, 1, 1, 1, 1, 1]
+    assert trim_positives_mask(loss, labels, 0.5).tolist() == [1, 0, 1, 0, 1, 1, 0, 1]
+    assert trim_positives_mask(loss, labels, 0.0).tolist() == [1] * 8
+    assert trim_positives_mask(loss, torch.zeros(8), 0.5).tolist() == [1] * 8
+
+
+def test_trim_positives_starts_after_the_first_epoch(store, tmp_path):
+    train(store, tmp_path / "plain", params(epochs=2, batch_size=8))
+    train(store, tmp_path / "trim", params(epochs=2, batch_size=8, trim_positives=0.5))
+    plain, trimmed = rows(tmp_path / "plain"), rows(tmp_path / "trim")
+    assert_same_rows(plain[:1], trimmed[:1])  # epoch 1 is plain training in both
+    assert plain[1]["loss_ce"] != pytest.approx(trimmed[1]["loss_ce"], rel=1e-4)
+    with pytest.raises(UsageError, match="trim_positives"):
+        params(trim_positives=1.0).validate()
 
 
 def test_extended_log_barrier():

@@ -106,6 +106,11 @@ def teach_cmd(
         "--bn-reestimate", min=0, help="Batches of unaugmented training patches that re-estimate the "
                                        "BatchNorm statistics before each validation (0: off).")
     ] = _D["bn_reestimate"].default,
+    trim_positives: Annotated[float, typer.Option(
+        "--trim-positives", min=0.0, max=0.99, help="After the first epoch, leave out of the loss this share "
+                                                  "of each batch's positives with the highest loss, as likely "
+                                                  "noisy labels (0: off; e.g. 0.25).")
+    ] = _D["trim_positives"].default,
     amp: Annotated[Amp, typer.Option(help="Mixed precision (auto: on for CUDA).")] = Amp.auto,
     use_truth: Annotated[bool, typer.Option(
         "--use-truth", help="Research: the location loss reads the store's clean truth points instead of the "
@@ -134,7 +139,8 @@ def teach_cmd(
                       use_truth=use_truth, sync_bn=sync_bn, seed=seed, workers=workers, device=device,
                       resume=resume, overwrite=overwrite, select=select.value, radius_px=radius_px,
                       optimizer=optimizer.value, weight_decay=weight_decay, lr_schedule=lr_schedule.value,
-                      warmup_epochs=warmup_epochs, ema_decay=ema_decay, bn_reestimate=bn_reestimate)
+                      warmup_epochs=warmup_epochs, ema_decay=ema_decay, bn_reestimate=bn_reestimate,
+                      trim_positives=trim_positives)
     result = teach(cfg, CliReporter())
     render_run(result, "teach", json_output)
 

@@ -41,7 +41,7 @@ from uts_cli.metrics import best_f1_threshold
 from uts_cli.model.augment import AugmentConfig, augment_batch
 from uts_cli.model.cam import CamNet
 from uts_cli.model.checkpoint import build_checkpoint, changed_options, check_resumable, restore_states
-from uts_cli.model.losses import location_loss
+from uts_cli.model.losses import location_loss, trim_positives_mask
 from uts_cli.model.optim import WeightEma, lr_factor, make_optimizer, reestimate_bn
 from uts_cli.model.validate import region_sweep
 from uts_cli.model.predict import iter_predictions
@@ -279,7 +279,14 @@ class _Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)  # the per-sample select may change it
         with self.policy.autocast():
             logits, cam = self.net(x)
-        ce = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        ce_each = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+        if p.trim_positives > 0 and self.state.global_step >= self.steps_per_epoch:
+            # After one epoch of plain training, so the losses rank what was learnt, not the init.
+            keep = trim_positives_mask(ce_each, labels, p.trim_positives)
+            ce = (ce_each * keep).sum() / keep.sum().clamp_min(1.0)
+            mask = mask & keep.bool().unsqueeze(1)  # a suspect label's point is suspect too
+        else:
+            ce = ce_each.mean()
         loss = p.alpha_ce * ce
         loc = torch.zeros((), device=self.device)
         if p.location != "none":

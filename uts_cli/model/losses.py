@@ -1,4 +1,4 @@
-"""Losses of the CAM training beyond the image-level BCE: the location constraint (METHOD.md section 3)."""
+"""Losses of the CAM training beyond the image-level BCE: the location constraint, and trimming suspect positives."""
 from __future__ import annotations
 
 import math
@@ -67,3 +67,20 @@ def location_loss(cam_logits: torch.Tensor, points: torch.Tensor, mask: torch.Te
     dist = torch.sqrt(((centroid - target) ** 2).sum(dim=1) + 1e-8)
     per_sample = dist if kind == "l2" else extended_log_barrier(dist - margin, tlb)
     return (per_sample * eligible).sum() / count.clamp_min(1.0), count
+
+
+def trim_positives_mask(per_sample_loss: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """1.0 for the samples a loss keeps, 0.0 for the ``fraction`` of positives with the highest loss.
+
+    A positive whose label the network keeps contradicting late in training is more likely a
+    noisy label than a hard example (the small-loss idea of co-teaching). ``floor(fraction * n)``
+    of the ``n`` positives are dropped; negatives are always kept. Everything stays on the device
+    (no count is read back), so a GPU step does not stall.
+    """
+    positive = labels > 0.5
+    score = torch.where(positive, per_sample_loss.detach(), torch.full_like(per_sample_loss, -math.inf))
+    order = torch.argsort(score, descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    n_trim = torch.floor(fraction * positive.sum())
+    return (~(positive & (rank < n_trim))).to(per_sample_loss.dtype)
