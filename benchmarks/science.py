@@ -52,10 +52,9 @@ DATASET_FLAGS = {  # flag -> (SyntheticSpec field, type): the look of the render
 }
 
 
-def _region(ev, store_path: Path) -> dict:
-    out = {"run": str(ev.run), "threshold": ev.threshold, "region": ev.region, "image_level": ev.image_level}
-    out["f1_boot_sd"] = field_bootstrap_sd(Path(ev.run) / "eval-test" / "matches.csv", store_path)
-    return out
+def _region(ev) -> dict:
+    return {"run": str(ev.run), "threshold": ev.threshold, "region": ev.region, "image_level": ev.image_level,
+            "f1_boot_sd": field_bootstrap_sd(Path(ev.output) / "matches.csv", ev.store)}
 
 
 def field_bootstrap_sd(matches_csv: Path, store_path: Path, n: int = 2000, seed: int = 0) -> float:
@@ -250,7 +249,7 @@ def main(argv: list[str]) -> int:
         models, extra, d = {}, {}, None
         if not args.control_only:
             tres = teach(teacher_config(cfg, store, tname, runs, resume=reuse, overwrite=not reuse))
-            models["teacher"] = _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)), store)
+            models["teacher"] = _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)))
             audits[seed] = audit_filters(runs / tname, store, args.device)
             audits[seed]["separability"] = separability(runs / tname, store, args.device)
             extra = {"teacher_best_epoch": tres.best_epoch,
@@ -259,17 +258,17 @@ def main(argv: list[str]) -> int:
                 d = distill(DistillConfig(teacher=runs / tname, name=sname, runs_dir=runs, criterion=args.criterion,
                                           keep_negatives=args.keep_negatives, device=args.device,
                                           workers=cfg.workers, overwrite=True))
-                models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)), store)
+                models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)))
         if args.oracle:
             oname = f"teacher-oracle-s{seed}"
             train_run(teacher_config(cfg, store, oname, runs, use_truth=True), labels=clean_labels(store),
                       extra_config={"labels": "clean truth (benchmarks/science.py --oracle)"})
             models["teacher on clean labels"] = _region(evaluate(EvalConfig(run=runs / oname, split="test",
-                                                                            device=args.device)), store)
+                                                                            device=args.device)))
         if args.control or args.control_only:
             teach(teacher_config(cfg, store, f"teacher2x-s{seed}", runs, epochs=2 * cfg.epochs))
             models["teacher 2x epochs"] = _region(evaluate(EvalConfig(run=runs / f"teacher2x-s{seed}", split="test",
-                                                                      device=args.device)), store)
+                                                                      device=args.device)))
         for who, m in models.items():
             r = m["region"]
             rows.append({"seed": seed, "model": who, **{k: r[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")},
