@@ -1,0 +1,183 @@
+"""Finished study runs scored again on one large held-out test set (the same for every seed).
+
+Each seed of ``science.py`` is tested on the 4 test cases of its own rendered dataset: 16 fields,
+which alone move a seed's F1 by about +- 0.05 (docs/science.md, section 9). This script renders
+one more synthetic dataset (its own generator seed, the study's look) with ``--cases`` test cases,
+and scores every finished run of the given seeds and tags on it, at the run's own pixel threshold
+(chosen on its own val split, as before). The held-out fields are normalized once per training
+store, with that store's own stain reference, so each model sees them in the colours it trained on.
+
+Nothing is trained. Runs found under ``WORKDIR/seed<N>/runs-<TAG>/<model>-s<N>`` with a complete
+``metrics.json``; their scores go to ``RUN/eval-heldout-<name>`` (the run's ``eval-test`` stays).
+
+    python benchmarks/heldout_eval.py --workdir /work/sci/main --seeds 0 1 2 3 4 --tags l2 \\
+        --out benchmarks/results/science-study/heldout-l2.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import tifffile
+
+from uts_cli.api.demo import _look_suffix
+from uts_cli.api.evaluate import evaluate
+from uts_cli.api.normalize import _stitch_field, normalize
+from uts_cli.api.prepare import prepare
+from uts_cli.config import EvalConfig, NormalizeConfig, PrepareConfig
+from uts_cli.io.store import PatchStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from science import DATASET_FLAGS, _given, field_bootstrap_sd  # noqa: E402  (a sibling script)
+
+# Model names science.py gives its runs (prefix before "-s<seed>"), in table order.
+MODELS = {"teacher": "teacher", "student": "student (TP)", "student-keepneg": "student, --keep-negatives",
+          "teacher2x": "teacher 2x epochs", "teacher-oracle": "teacher on clean labels"}
+
+
+def heldout_raw_store(workdir: Path, n_test_cases: int, generator_seed: int, patch_size: int,
+                      looks: dict) -> Path:
+    """Render and tile the held-out dataset once: one train and one val case (the renderer needs
+    them), then ``n_test_cases`` test cases."""
+    name = f"heldout-g{generator_seed}-c{n_test_cases}{_look_suffix(looks)}"
+    raw = workdir / "heldout" / f"{name}-p{patch_size}.h5"
+    if not raw.exists():
+        options = {"seed": generator_seed, "n_cases": n_test_cases + 2, "val_cases": 1,
+                   "test_cases": n_test_cases, **looks}
+        prepare(PrepareConfig(dataset="synthetic", root=workdir / "heldout" / name, output=raw,
+                              patch_size=patch_size, compression="lzf", overwrite=True, dataset_options=options))
+    return raw
+
+
+def raw_of(norm_store: Path) -> Path:
+    """The un-normalized store a demo store was made from (``X-norm.h5`` -> ``X.h5``)."""
+    if not norm_store.stem.endswith("-norm"):
+        raise SystemExit(f"{norm_store}: not a store written by the demo's normalize step")
+    return norm_store.with_name(norm_store.stem[: -len("-norm")] + ".h5")
+
+
+def heldout_for(raw_heldout: Path, train_store: Path, device: str) -> Path:
+    """The held-out store normalized with ``train_store``'s own stain reference field."""
+    out = raw_heldout.with_name(f"{raw_heldout.stem}-norm-as-{train_store.stem}.h5")
+    if out.exists():
+        return out
+    with h5py.File(train_store, "r") as f:
+        reference = str(f["normalization"].attrs["reference"])
+    if not reference.startswith("store:"):
+        raise SystemExit(f"{train_store}: its stain reference {reference!r} is not a field of its store")
+    image_id = reference[len("store:"):]
+    src = PatchStore(raw_of(train_store))
+    matches = np.flatnonzero(src.image_ids == image_id)
+    if len(matches) == 0:
+        raise SystemExit(f"{raw_of(train_store)}: no field {image_id!r} (the reference of {train_store})")
+    ref_path = out.with_suffix(".reference.tif")
+    tifffile.imwrite(ref_path, _stitch_field(src, int(matches[0])), photometric="rgb")
+    normalize(NormalizeConfig(store=raw_heldout, output=out, reference=ref_path, device=device, overwrite=True))
+    return out
+
+
+def finished_runs(workdir: Path, seeds: list[int], tags: list[str]):
+    """(seed, tag, model, run folder) of every complete run science.py leaves."""
+    for seed in seeds:
+        for tag in tags:
+            runs = workdir / f"seed{seed}" / f"runs-{tag}"
+            for model in MODELS:
+                run = runs / f"{model}-s{seed}"
+                metrics = run / "metrics.json"
+                if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "complete":
+                    yield seed, tag, model, run
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3f}{sd}"
+
+
+def report(scores: dict, seeds: list[int], tags: list[str], header: list[str]) -> str:
+    lines = [*header, ""]
+    for tag in tags:
+        models = [m for m in MODELS if any((s, tag, m) in scores for s in seeds)]
+        if not models:
+            continue
+        lines += [f"## `{tag}`: region F1 on the held-out test set (± field bootstrap sd)", "",
+                  "| seed | " + " | ".join(MODELS[m] for m in models) + " |",
+                  "| --- |" + " --- |" * len(models)]
+        for s in seeds:
+            cells = [f"{scores[(s, tag, m)]['f1']:.3f} ± {scores[(s, tag, m)]['f1_boot_sd']:.3f}"
+                     if (s, tag, m) in scores else "-" for m in models]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("| mean ± sd | " + " | ".join(
+            _fmt([scores[(s, tag, m)]["f1"] for s in seeds if (s, tag, m) in scores]) for m in models) + " |")
+        lines.append("")
+        for a, b in (("student", "teacher"), ("student", "teacher2x"), ("teacher2x", "teacher")):
+            pairs = [scores[(s, tag, a)]["f1"] - scores[(s, tag, b)]["f1"] for s in seeds
+                     if (s, tag, a) in scores and (s, tag, b) in scores]
+            if pairs:
+                lines.append(f"- {MODELS[a]} - {MODELS[b]}: {_fmt(pairs)} "
+                             f"({', '.join(f'{p:+.3f}' for p in pairs)}; better on {sum(p > 0 for p in pairs)} "
+                             f"of {len(pairs)})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, required=True, help="the science.py --workdir of the runs")
+    parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser.add_argument("--tags", nargs="+", required=True)
+    parser.add_argument("--cases", type=int, default=40, help="held-out test cases (4 fields each)")
+    parser.add_argument("--generator-seed", type=int, default=1000,
+                        help="the held-out dataset's renderer seed (no study seed uses it)")
+    parser.add_argument("--patch-size", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--again", action="store_true", help="score runs again that were already scored")
+    for flag, (_, kind) in DATASET_FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, help="the study's synthetic look")
+    args = parser.parse_args(argv)
+    looks = _given(args, DATASET_FLAGS)
+    t0 = time.monotonic()
+    raw = heldout_raw_store(args.workdir, args.cases, args.generator_seed, args.patch_size, looks)
+    eval_name = f"eval-heldout-{raw.stem}"
+    scores, rows = {}, []
+    for seed, tag, model, run in finished_runs(args.workdir, args.seeds, args.tags):
+        done = run / eval_name / "metrics.json"   # written last and atomically: present means finished
+        if done.is_file() and not args.again:
+            ev = json.loads(done.read_text())
+        else:
+            train_store = Path(json.loads((run / "config.json").read_text())["config"]["store"])
+            result = evaluate(EvalConfig(run=run, store=heldout_for(raw, train_store, args.device), split="test",
+                                         truth="clean", output=run / eval_name, device=args.device))
+            ev = {"region": result.region, "threshold": result.threshold, "store": str(result.store)}
+        r = ev["region"]
+        scores[(seed, tag, model)] = {
+            "precision": r["precision"], "recall": r["recall"], "f1": r["f1"], "tp": r["tp"], "fp": r["fp"],
+            "fn": r["fn"], "threshold": ev["threshold"],
+            "f1_boot_sd": field_bootstrap_sd(run / eval_name / "matches.csv", Path(ev["store"]))}
+        rows.append({"seed": seed, "tag": tag, "model": model, "run": str(run), **scores[(seed, tag, model)]})
+        print(json.dumps(rows[-1]), flush=True)
+    test = PatchStore(raw)
+    n_fields = len(np.unique(test.image_idx[test.indices("test")]))
+    header = ["# Study runs on one held-out test set", "",
+              f"Command: `python {' '.join(['benchmarks/heldout_eval.py', *argv])}`  ",
+              f"Held-out set: {raw.name}, {args.cases} test cases ({n_fields} fields), generator seed "
+              f"{args.generator_seed}, look {json.dumps(looks)}; clean truth, one-to-one within 30 px, each "
+              f"run's own pixel threshold. Time: {time.monotonic() - t0:.0f} s"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(scores, args.seeds, args.tags, header))
+    args.out.with_suffix(".json").write_text(json.dumps({"heldout": str(raw), "n_fields": n_fields, "runs": rows},
+                                                        indent=2))
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
