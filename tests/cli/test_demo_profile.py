@@ -57,11 +57,12 @@ def test_demo_dataset_size_reaches_the_renderer():
     assert demo_api._case_options(6) == {"n_cases": 6, "val_cases": 2, "test_cases": 2}
 
 
-def test_demo_teacher_gets_the_stability_options_and_the_location_loss(tmp_path):
+def test_demo_teacher_gets_the_stability_options_the_location_loss_and_trimming(tmp_path):
     cfg = demo_api.profile_config("default", workdir=tmp_path)
     t = demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs")
     assert {k: getattr(t, k) for k in demo_api.STABILITY_OPTIONS} == demo_api.STABILITY_OPTIONS
     assert t.location == "l2" and demo_api.DEMO_TEACH_OPTIONS["location"] == "l2"
+    assert t.trim_positives == demo_api.DEMO_TEACH_OPTIONS["trim_positives"] == 0.25
     assert (t.n_blocks, t.weights, t.epochs, t.steps_per_epoch) == (2, "none", 4, 50)
     t = demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs", ema_decay=0.0)
     assert t.ema_decay == 0.0
