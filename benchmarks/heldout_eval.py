@@ -55,13 +55,6 @@ def heldout_raw_store(workdir: Path, n_test_cases: int, generator_seed: int, pat
     return raw
 
 
-def raw_of(norm_store: Path) -> Path:
-    """The un-normalized store a demo store was made from (``X-norm.h5`` -> ``X.h5``)."""
-    if not norm_store.stem.endswith("-norm"):
-        raise SystemExit(f"{norm_store}: not a store written by the demo's normalize step")
-    return norm_store.with_name(norm_store.stem[: -len("-norm")] + ".h5")
-
-
 def heldout_for(raw_heldout: Path, train_store: Path, device: str) -> Path:
     """The held-out store normalized with ``train_store``'s own stain reference field."""
     out = raw_heldout.with_name(f"{raw_heldout.stem}-norm-as-{train_store.stem}.h5")
@@ -69,13 +62,15 @@ def heldout_for(raw_heldout: Path, train_store: Path, device: str) -> Path:
         return out
     with h5py.File(train_store, "r") as f:
         reference = str(f["normalization"].attrs["reference"])
+        # The store normalize read from, as its saved config recorded it.
+        source = Path(json.loads(f.attrs["normalize_config_json"])["store"])
     if not reference.startswith("store:"):
         raise SystemExit(f"{train_store}: its stain reference {reference!r} is not a field of its store")
     image_id = reference[len("store:"):]
-    src = PatchStore(raw_of(train_store))
+    src = PatchStore(source)
     matches = np.flatnonzero(src.image_ids == image_id)
     if len(matches) == 0:
-        raise SystemExit(f"{raw_of(train_store)}: no field {image_id!r} (the reference of {train_store})")
+        raise SystemExit(f"{source}: no field {image_id!r} (the reference of {train_store})")
     ref_path = out.with_suffix(".reference.tif")
     tifffile.imwrite(ref_path, _stitch_field(src, int(matches[0])), photometric="rgb")
     normalize(NormalizeConfig(store=raw_heldout, output=out, reference=ref_path, device=device, overwrite=True))
