@@ -54,6 +54,9 @@ class NormalizeConfig:
     output: Path | None = None          # None: <store stem>-norm.h5 beside the input
     reference: Path | None = None       # an image file; None: choose a field from the store
     reference_image_id: str | None = None
+    # Another normalized store whose fitted normalization (reference, steps, Io, alpha, beta) is
+    # applied as it is: new fields in the colours a model trained on.
+    like: Path | None = None
     hist_match: bool = True
     macenko: bool = True
     io: float = 240.0

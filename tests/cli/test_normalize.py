@@ -159,3 +159,36 @@ def test_partial_made_with_other_settings_is_announced_before_it_is_discarded(ra
     r = runner.invoke(app, args + ["--beta", "0.2"], env=ENV)
     assert r.exit_code == 0, r.stderr
     assert "discarding the unfinished" in r.stderr and "other settings" in r.stderr
+
+
+def test_like_applies_another_stores_normalization(raw_store, tmp_path):
+    """--like copies the fitted state, reference and options; the result equals a fit to the same reference."""
+    first = tmp_path / "first.h5"
+    r = runner.invoke(app, ["normalize", str(raw_store), "-o", str(first), "--reference-id",
+                            str(PatchStore(raw_store).image_ids[1]), "--alpha", "2", "--device", "cpu"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    again = tmp_path / "again.h5"
+    r = runner.invoke(app, ["normalize", str(raw_store), "-o", str(again), "--like", str(first), "--device", "cpu",
+                            "--json"], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    a, b = PatchStore(first), PatchStore(again)
+    assert json.loads(r.stdout)["reference"] == f"store:{PatchStore(raw_store).image_ids[1]}"
+    assert b.stain_state == a.stain_state and b.stain == a.stain == "macenko"
+    np.testing.assert_array_equal(a.read_rgb(np.arange(len(a))), b.read_rgb(np.arange(len(b))))
+    with h5py.File(again) as f:
+        attrs = f["normalization"].attrs
+        assert attrs["alpha"] == 2.0 and attrs["like"] == str(first.resolve())
+
+
+def test_like_refuses_a_raw_store_and_a_second_reference(raw_store, tmp_path):
+    r = runner.invoke(app, ["normalize", str(raw_store), "-o", str(tmp_path / "x.h5"), "--like", str(raw_store)],
+                      env=ENV)
+    assert r.exit_code == 2 and "not normalized" in r.stderr
+    assert not (tmp_path / "x.h5").exists()
+    r = runner.invoke(app, ["normalize", str(raw_store), "-o", str(tmp_path / "x.h5"), "--like", str(raw_store),
+                            "--reference-id", "x"], env=ENV)
+    assert r.exit_code == 2 and "--like excludes" in r.stderr
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    r = runner.invoke(app, ["normalize", str(raw_store), "-o", str(tmp_path / "x.h5"), "--like", str(bad)], env=ENV)
+    assert r.exit_code not in (0, 1, 2) and "bad.h5" in r.stderr and "Traceback" not in r.stderr

@@ -123,15 +123,36 @@ def _load_reference(cfg: NormalizeConfig, src: store.PatchStore) -> tuple[np.nda
     return _stitch_field(src, image_idx), f"store:{src.image_ids[image_idx]}"
 
 
+def _normalization_of(path: Path) -> dict:
+    """The ``/normalization`` attributes of another normalized store (for ``--like``).
+
+    Raises:
+        InputDataError: not a readable store.
+        UsageError: a store that was not normalized.
+    """
+    other = store.PatchStore(path)
+    if other.stain_state is None:
+        raise UsageError(f"--like {path}: the store is not normalized (stain {other.stain!r})",
+                         hint="name the store `uts normalize` wrote for the training data")
+    with h5py.File(path, "r") as f:
+        attrs = dict(f["normalization"].attrs)
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
+
+
 def _create_output(src: store.PatchStore, out: Path, cfg: NormalizeConfig, chash: str, state: dict,
-                   reference: str, compression: str) -> h5py.File:
-    stain_name = "macenko" if cfg.macenko else ("histogram" if cfg.hist_match else "none")
+                   reference: str, compression: str, like: dict | None = None) -> h5py.File:
+    steps = {"io": cfg.io, "alpha": cfg.alpha, "beta": cfg.beta, "hist_match": cfg.hist_match,
+             "macenko": cfg.macenko}
+    extra = {}
+    if like is not None:
+        steps = {k: like[k] for k in steps}
+        extra = {"like": str(Path(cfg.like).resolve())}
+    stain_name = "macenko" if steps["macenko"] else ("histogram" if steps["hist_match"] else "none")
     return store.create_derived_partial(
         src, out, compression=compression,
         attrs={"stain": stain_name, "config_hash": chash, "normalize_config_json": to_json(cfg)},
         normalization={"method": stain_name, "reference": reference, "state_json": json.dumps(state),
-                       "io": cfg.io, "alpha": cfg.alpha, "beta": cfg.beta,
-                       "hist_match": cfg.hist_match, "macenko": cfg.macenko})
+                       **steps, **extra})
 
 
 def block_length(patch_size: int) -> int:
@@ -173,6 +194,9 @@ def _check_options(cfg: NormalizeConfig) -> None:
                          hint="turn on at least one step")
     if cfg.reference is not None and cfg.reference_image_id is not None:
         raise UsageError("--reference and --reference-id exclude each other", hint="give one of them")
+    if cfg.like is not None and (cfg.reference is not None or cfg.reference_image_id is not None):
+        raise UsageError("--like excludes --reference and --reference-id",
+                         hint="--like takes the reference of the store it names; give one of them")
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} must be at least 1", hint="use e.g. --batch-size 16")
     if cfg.compression is not None and cfg.compression not in store.COMPRESSIONS:
@@ -221,6 +245,7 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
     compression = cfg.compression or str(src.attrs.get("compression", "gzip"))
     key = to_dict(cfg)
     key.update(output=None, overwrite=None, device=None, batch_size=None, source_uuid=src.uuid,
+               like=None if cfg.like is None else store.PatchStore(cfg.like).uuid,
                compression=compression)
     chash = store.config_hash(key)
 
@@ -232,11 +257,17 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
         resumed = int(f.attrs["n_done"])
         reporter.log(f"resuming {store.partial_path(out)}: {resumed}/{len(src)} patches already done")
     else:
-        ref_rgb, reference = _load_reference(cfg, src)
-        state = fit_stain_state(ref_rgb, hist_match=cfg.hist_match, macenko=cfg.macenko,
-                                io=cfg.io, alpha=cfg.alpha, beta=cfg.beta)
+        like = None
+        if cfg.like is not None:
+            like = _normalization_of(Path(cfg.like))
+            state = StainState.from_dict(json.loads(like["state_json"]))
+            reference = str(like["reference"])
+        else:
+            ref_rgb, reference = _load_reference(cfg, src)
+            state = fit_stain_state(ref_rgb, hist_match=cfg.hist_match, macenko=cfg.macenko,
+                                    io=cfg.io, alpha=cfg.alpha, beta=cfg.beta)
         try:
-            f = _create_output(src, out, cfg, chash, state.to_dict(), reference, compression)
+            f = _create_output(src, out, cfg, chash, state.to_dict(), reference, compression, like)
         except OSError as exc:
             raise resource_error(exc, store.partial_path(out)) or exc
     n = len(src)

@@ -17,6 +17,8 @@ EXAMPLES = """Examples (after the `uts prepare` examples):
   uts normalize folder-p128.h5 --reference local_data/datasets/synthetic/images/case01/f01.tif -o folder-norm.h5
 
   uts normalize folder-p128.h5 --no-hist-match --device cpu -o folder-macenko.h5
+
+  uts normalize new-test-p128.h5 --like local_data/stores/synthetic-p128-norm.h5
 """
 
 
@@ -30,6 +32,10 @@ def normalize_cmd(
         exists=True, dir_okay=False, readable=True)] = None,
     reference_id: Annotated[Optional[str], typer.Option(
         "--reference-id", help="Use this image of the store (e.g. '67/01') as reference.")] = None,
+    like: Annotated[Optional[Path], typer.Option(
+        "--like", help="Apply the normalization of this normalized store (its reference, steps and "
+                       "Macenko options) instead of fitting one: new fields in a model's training colours.",
+        exists=True, dir_okay=False, readable=True)] = None,
     hist_match: Annotated[bool, typer.Option(help="Histogram matching to the reference.")] = True,
     macenko: Annotated[bool, typer.Option(help="Macenko normalization after histogram matching.")] = True,
     io: Annotated[float, typer.Option("--io", help="Macenko background intensity Io.")] = 240.0,
@@ -47,7 +53,7 @@ def normalize_cmd(
     from uts_cli.api.normalize import normalize
     from uts_cli.config import NormalizeConfig
     cfg = NormalizeConfig(store=store, output=output, reference=reference, reference_image_id=reference_id,
-                          hist_match=hist_match, macenko=macenko, io=io, alpha=alpha, beta=beta,
+                          like=like, hist_match=hist_match, macenko=macenko, io=io, alpha=alpha, beta=beta,
                           batch_size=batch_size, device=device, overwrite=overwrite,
                           compression=None if compression is None else compression.value)
     result = normalize(cfg, CliReporter())
