@@ -22,16 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
-import tifffile
-
-from uts_cli.api.demo import _look_suffix
+from uts_cli.api.demo import _look_suffix, test_set_summary, heldout_test_store
 from uts_cli.api.evaluate import evaluate
-from uts_cli.api.normalize import _stitch_field, normalize
-from uts_cli.api.prepare import prepare
-from uts_cli.config import EvalConfig, NormalizeConfig, PrepareConfig
-from uts_cli.io.store import PatchStore
+from uts_cli.config import EvalConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from science import DATASET_FLAGS, _given, field_bootstrap_sd  # noqa: E402  (a sibling script)
@@ -39,42 +32,6 @@ from science import DATASET_FLAGS, _given, field_bootstrap_sd  # noqa: E402  (a 
 # Model names science.py gives its runs (prefix before "-s<seed>"), in table order.
 MODELS = {"teacher": "teacher", "student": "student (TP)", "student-keepneg": "student, --keep-negatives",
           "teacher2x": "teacher 2x epochs", "teacher-oracle": "teacher on clean labels"}
-
-
-def heldout_raw_store(workdir: Path, n_test_cases: int, generator_seed: int, patch_size: int,
-                      looks: dict) -> Path:
-    """Render and tile the held-out dataset once: one train and one val case (the renderer needs
-    them), then ``n_test_cases`` test cases."""
-    name = f"heldout-g{generator_seed}-c{n_test_cases}{_look_suffix(looks)}"
-    raw = workdir / "heldout" / f"{name}-p{patch_size}.h5"
-    if not raw.exists():
-        options = {"seed": generator_seed, "n_cases": n_test_cases + 2, "val_cases": 1,
-                   "test_cases": n_test_cases, **looks}
-        prepare(PrepareConfig(dataset="synthetic", root=workdir / "heldout" / name, output=raw,
-                              patch_size=patch_size, compression="lzf", overwrite=True, dataset_options=options))
-    return raw
-
-
-def heldout_for(raw_heldout: Path, train_store: Path, device: str) -> Path:
-    """The held-out store normalized with ``train_store``'s own stain reference field."""
-    out = raw_heldout.with_name(f"{raw_heldout.stem}-norm-as-{train_store.stem}.h5")
-    if out.exists():
-        return out
-    with h5py.File(train_store, "r") as f:
-        reference = str(f["normalization"].attrs["reference"])
-        # The store normalize read from, as its saved config recorded it.
-        source = Path(json.loads(f.attrs["normalize_config_json"])["store"])
-    if not reference.startswith("store:"):
-        raise SystemExit(f"{train_store}: its stain reference {reference!r} is not a field of its store")
-    image_id = reference[len("store:"):]
-    src = PatchStore(source)
-    matches = np.flatnonzero(src.image_ids == image_id)
-    if len(matches) == 0:
-        raise SystemExit(f"{source}: no field {image_id!r} (the reference of {train_store})")
-    ref_path = out.with_suffix(".reference.tif")
-    tifffile.imwrite(ref_path, _stitch_field(src, int(matches[0])), photometric="rgb")
-    normalize(NormalizeConfig(store=raw_heldout, output=out, reference=ref_path, device=device, overwrite=True))
-    return out
 
 
 def finished_runs(workdir: Path, seeds: list[int], tags: list[str]):
@@ -140,8 +97,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     looks = _given(args, DATASET_FLAGS)
     t0 = time.monotonic()
-    raw = heldout_raw_store(args.workdir, args.cases, args.generator_seed, args.patch_size, looks)
-    eval_name = f"eval-heldout-{raw.stem}"
+    set_name = f"heldout-g{args.generator_seed}-c{args.cases}{_look_suffix(looks)}-p{args.patch_size}"
+    eval_name = f"eval-heldout-{set_name}"
+    test_store = None
     scores, rows = {}, []
     for seed, tag, model, run in finished_runs(args.workdir, args.seeds, args.tags):
         done = run / eval_name / "metrics.json"   # written last and atomically: present means finished
@@ -149,8 +107,10 @@ def main(argv: list[str]) -> int:
             ev = json.loads(done.read_text())
         else:
             train_store = Path(json.loads((run / "config.json").read_text())["config"]["store"])
-            result = evaluate(EvalConfig(run=run, store=heldout_for(raw, train_store, args.device), split="test",
-                                         truth="clean", output=run / eval_name, device=args.device))
+            test_store = heldout_test_store(args.workdir / "heldout", train_store, args.cases, args.patch_size,
+                                            looks, args.generator_seed, args.device)
+            result = evaluate(EvalConfig(run=run, store=test_store, split="test", truth="clean",
+                                         output=run / eval_name, device=args.device))
             ev = {"region": result.region, "threshold": result.threshold, "store": str(result.store)}
         r = ev["region"]
         scores[(seed, tag, model)] = {
@@ -159,16 +119,16 @@ def main(argv: list[str]) -> int:
             "f1_boot_sd": field_bootstrap_sd(run / eval_name / "matches.csv", Path(ev["store"]))}
         rows.append({"seed": seed, "tag": tag, "model": model, "run": str(run), **scores[(seed, tag, model)]})
         print(json.dumps(rows[-1]), flush=True)
-    test = PatchStore(raw)
-    n_fields = len(np.unique(test.image_idx[test.indices("test")]))
+    test_store = test_store or (Path(ev["store"]) if rows else None)
+    n_fields = test_set_summary(test_store, held_out=True)["fields"] if test_store else 0
     header = ["# Study runs on one held-out test set", "",
               f"Command: `python {' '.join(['benchmarks/heldout_eval.py', *argv])}`  ",
-              f"Held-out set: {raw.name}, {args.cases} test cases ({n_fields} fields), generator seed "
+              f"Held-out set: {set_name}, {args.cases} test cases ({n_fields} fields), generator seed "
               f"{args.generator_seed}, look {json.dumps(looks)}; clean truth, one-to-one within 30 px, each "
               f"run's own pixel threshold. Time: {time.monotonic() - t0:.0f} s"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(scores, args.seeds, args.tags, header))
-    args.out.with_suffix(".json").write_text(json.dumps({"heldout": str(raw), "n_fields": n_fields, "runs": rows},
+    args.out.with_suffix(".json").write_text(json.dumps({"heldout": set_name, "n_fields": n_fields, "runs": rows},
                                                         indent=2))
     print(args.out.read_text())
     return 0

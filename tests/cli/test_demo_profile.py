@@ -22,7 +22,9 @@ def captured(monkeypatch, tmp_path):
         model = {"run": "r", "threshold": 0.5, "region": counts, "patch": counts, "image_level": counts}
         return demo_api.DemoResult(workdir=tmp_path, store=tmp_path / "s.h5", teacher=model, student=model,
                                    distill={"n_train_kept": 1, "n_train_before": 2, "removed_true_lookalikes": 1,
-                                            "removed_true_mitoses": 0}, seconds=1.0)
+                                            "removed_true_mitoses": 0}, seconds=1.0,
+                                   test_set={"held_out": cfg.heldout_cases > 0, "cases": cfg.heldout_cases,
+                                             "fields": 4 * cfg.heldout_cases, "mitoses": 7})
 
     monkeypatch.setattr(demo_api, "demo", fake_demo)
     return seen
@@ -32,14 +34,25 @@ def captured(monkeypatch, tmp_path):
     ([], demo_api.PROFILES["default"]),
     (["--profile", "full"], demo_api.PROFILES["full"]),
     (["--profile", "full", "--epochs", "3"], {**demo_api.PROFILES["full"], "epochs": 3}),
+    (["--heldout-cases", "0"], {**demo_api.PROFILES["default"], "heldout_cases": 0}),
 ])
 def test_profile_sets_the_training_length(captured, tmp_path, args, expected):
     r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "w"), "--json", *args], env=ENV)
     assert r.exit_code == 0, r.stderr
     cfg = captured["cfg"]
     assert {k: getattr(cfg, k) for k in expected} == expected
-    assert cfg.profile == (args[1] if args else "default")
-    assert json.loads(r.stdout)["ok"] is True
+    assert cfg.profile == (args[1] if args[:1] == ["--profile"] else "default")
+    assert cfg.heldout_cases == expected.get("heldout_cases", 20)
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True and doc["test_set"]["cases"] == cfg.heldout_cases
+
+
+def test_table_names_what_was_scored(captured, tmp_path):
+    r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "w")], env=ENV)
+    assert r.exit_code == 0, r.stderr
+    assert "held-out test set (20 cases, 80 fields, 7 mitoses)" in " ".join(r.stdout.split())
+    r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "w"), "--heldout-cases", "0"], env=ENV)
+    assert r.exit_code == 0 and "test split (0 fields)" in " ".join(r.stdout.split())
 
 
 def test_unknown_profile():

@@ -32,6 +32,10 @@ class DemoConfig:
     profile: str = "default"
     # Cases of the rendered synthetic dataset (4 fields of 512 px each; splits are per case).
     n_cases: int = 24
+    # Test cases of a separate rendered test set teacher and student are scored on (the same set
+    # for every seed; 20 cases = 80 fields); 0 scores them on the dataset's own 4 test cases,
+    # whose 16 fields move an F1 by about 0.05 (docs/science.md, section 9).
+    heldout_cases: int = 20
     # More SyntheticSpec options for the rendered dataset (its look: stain_spread, nucleus_density,
     # lookalikes_per_field, ...); given ones name the dataset and stores apart (see _look_suffix).
     dataset_options: dict = field(default_factory=dict)
@@ -55,8 +59,13 @@ PROFILES = {
     "default": {"patch_size": 128, "epochs": 4, "steps_per_epoch": 50, "batch_size": 32},
     # Twice the cases and twice the steps: the same passes over the training patches as `default`
     # on a dataset twice its size (docs/science.md, the full profile).
-    "full": {"patch_size": 128, "epochs": 8, "steps_per_epoch": 50, "batch_size": 32, "n_cases": 48},
+    "full": {"patch_size": 128, "epochs": 8, "steps_per_epoch": 50, "batch_size": 32, "n_cases": 48,
+             "heldout_cases": 40},
 }
+
+# Renderer seed of the held-out test set: one set for every demo seed, the one the study's
+# held-out figures use (benchmarks/heldout_eval.py).
+HELDOUT_GENERATOR_SEED = 1000
 
 
 def profile_config(profile: str, **given) -> "DemoConfig":
@@ -82,6 +91,8 @@ class DemoResult:
     distill: dict
     seconds: float
     steps: dict = field(default_factory=dict)
+    # What teacher and student were scored on: store, split, cases, fields, mitoses.
+    test_set: dict = field(default_factory=dict)
 
 
 def _eval_summary(result) -> dict:
@@ -117,15 +128,72 @@ def demo(cfg: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
                               criterion=cfg.criterion, device=cfg.device, workers=cfg.workers,
                               overwrite=True), reporter)
     step("distill")
-    reporter.log("5/5 eval: teacher and student on the clean test truth")
+    if cfg.heldout_cases > 0:
+        reporter.log(f"5/5 eval: teacher and student on a held-out test set ({cfg.heldout_cases} cases), clean truth")
+        test_store = heldout_test_store(work, norm, cfg.heldout_cases, cfg.patch_size, cfg.dataset_options,
+                                        _heldout_seed(cfg.seed), cfg.device, reporter)
+        step("render held-out test set")
+    else:
+        reporter.log("5/5 eval: teacher and student on the dataset's test split, clean truth")
+        test_store = norm
     results = {}
     for who, name in (("teacher", teacher_name), ("student", student_name)):
-        results[who] = _eval_summary(evaluate(EvalConfig(run=runs / name, split="test", truth="auto",
-                                                         device=cfg.device), reporter))
+        output = runs / name / "eval-heldout" if cfg.heldout_cases > 0 else None
+        results[who] = _eval_summary(evaluate(EvalConfig(run=runs / name, store=test_store, split="test",
+                                                         truth="auto", output=output, device=cfg.device), reporter))
     step("eval")
     distill_summary = {k: v for k, v in d.__dict__.items() if k != "student"}
     return DemoResult(workdir=work, store=norm, teacher=results["teacher"], student=results["student"],
-                      distill=distill_summary, seconds=round(time.monotonic() - t0, 2), steps=steps)
+                      distill=distill_summary, seconds=round(time.monotonic() - t0, 2), steps=steps,
+                      test_set=test_set_summary(test_store, held_out=cfg.heldout_cases > 0))
+
+
+def _heldout_seed(seed: int) -> int:
+    """The held-out set's renderer seed; never the training dataset's own."""
+    return HELDOUT_GENERATOR_SEED if seed != HELDOUT_GENERATOR_SEED else HELDOUT_GENERATOR_SEED + 1
+
+
+def test_set_summary(path: Path, held_out: bool) -> dict:
+    import numpy as np
+
+    from uts_cli.io.store import PatchStore
+
+    store = PatchStore(path)
+    images = np.unique(store.image_idx[store.indices("test")])
+    mitoses = (sum(len(store.image_points(int(i), truth=True)) for i in images) if store.has_truth else None)
+    return {"store": str(path), "split": "test", "held_out": held_out,
+            "cases": len({str(store.image_case[i]) for i in images}),
+            "fields": int(len(images)), "mitoses": mitoses}
+
+
+def heldout_test_store(work: Path, like: Path, n_cases: int, patch_size: int, looks: dict | None = None,
+                       generator_seed: int = HELDOUT_GENERATOR_SEED, device: str = "auto",
+                       reporter: Reporter | None = None) -> Path:
+    """A separate rendered test set of ``n_cases`` cases, normalized like the training store ``like``.
+
+    The renderer needs a train and a val case, so the dataset holds ``n_cases + 2`` cases; only its
+    test split is meant to be scored. It is normalized with ``like``'s fitted stain state
+    (``normalize --like``), so a model sees it in the colours it trained on. Both stores are
+    reused when complete.
+
+    Returns:
+        The normalized held-out store's path (under ``work/stores``).
+    """
+    from uts_cli.api.normalize import normalize
+    from uts_cli.api.prepare import prepare
+
+    reporter = reporter or NullReporter()
+    looks = looks or {}
+    name = f"heldout-g{generator_seed}-c{n_cases}{_look_suffix(looks)}"
+    raw = work / "stores" / f"{name}-p{patch_size}.h5"
+    if not _complete(raw):
+        options = {"seed": generator_seed, "n_cases": n_cases + 2, "val_cases": 1, "test_cases": n_cases, **looks}
+        prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / name, output=raw, patch_size=patch_size,
+                              compression="lzf", overwrite=True, dataset_options=options), reporter)
+    out = raw.with_name(f"{raw.stem}-like-{Path(like).stem}.h5")
+    if not _complete(out):
+        normalize(NormalizeConfig(store=raw, output=out, like=Path(like), device=device, overwrite=True), reporter)
+    return out
 
 
 def demo_store(cfg: DemoConfig, reporter: Reporter | None = None, step=None) -> Path:

@@ -40,6 +40,9 @@ def demo_cmd(
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = 1e-3,
     workers: WorkersOpt = 1,
     device: DeviceOpt = "auto",
+    heldout_cases: Annotated[Optional[int], typer.Option(
+        "--heldout-cases", min=0, help="Score on a separate rendered test set of this many cases (4 fields "
+                                       "each; default: the profile's, 20 or 40); 0: the dataset's own 4 test cases.")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Run the whole method on the built-in synthetic dataset and compare teacher and student."""
@@ -47,7 +50,7 @@ def demo_cmd(
 
     cfg = profile_config(profile.value, workdir=workdir, seed=seed, patch_size=patch_size, epochs=epochs,
                          steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, device=device,
-                         workers=workers)
+                         workers=workers, heldout_cases=heldout_cases)
     result = demo(cfg, CliReporter())
     if json_output:
         from dataclasses import asdict
@@ -56,8 +59,11 @@ def demo_cmd(
         return
     from rich.table import Table
 
-    table = Table(title=f"UTS demo (seed {seed}, profile {cfg.profile}): test split, clean truth, region level, one-to-one, 30 px",
-                  title_justify="left")
+    ts = result.test_set
+    where = (f"held-out test set ({ts['cases']} cases, {ts['fields']} fields, {ts['mitoses']} mitoses)"
+             if ts.get("held_out") else f"test split ({ts.get('fields', '?')} fields)")
+    table = Table(title=f"UTS demo (seed {seed}, profile {cfg.profile}): {where}, clean truth, region level, "
+                        "one-to-one, 30 px", title_justify="left")
     for col in ("model", "precision", "recall", "F1", "TP", "FP", "FN", "image F1"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for who in ("teacher", "student"):
