@@ -211,6 +211,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep-negatives", action="store_true",
                         help="the filter judges the positives only (student runs named student-keepneg-s<N>)")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--student-trim-positives", type=float, default=None,
+                        help="the student's --trim-positives instead of the teacher's (runs named student-trim<F>-s<N>)")
     for flag in ("--n-cases", "--n-blocks", "--epochs", "--steps-per-epoch", "--patch-size", "--batch-size"):
         parser.add_argument(flag, type=int, default=None, help="override the profile's value")
     parser.add_argument("--teacher-only", action="store_true", help="teacher, its eval and the filter audit only")
@@ -243,7 +245,11 @@ def main(argv: list[str]) -> int:
                              patch_size=args.patch_size, batch_size=args.batch_size)
         store = demo_store(cfg)
         runs = Path(cfg.workdir) / f"runs-{args.tag}"
-        tname, sname = f"teacher-s{seed}", f"student{'-keepneg' if args.keep_negatives else ''}-s{seed}"
+        student_trim = "" if args.student_trim_positives is None else f"-trim{args.student_trim_positives:g}"
+        tname = f"teacher-s{seed}"
+        sname = f"student{'-keepneg' if args.keep_negatives else ''}{student_trim}-s{seed}"
+        student_overrides = ({} if args.student_trim_positives is None
+                             else {"trim_positives": args.student_trim_positives})
         done = runs / tname / "metrics.json"
         reuse = args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "complete"
         models, extra, d = {}, {}, None
@@ -257,7 +263,7 @@ def main(argv: list[str]) -> int:
             if not args.teacher_only:
                 d = distill(DistillConfig(teacher=runs / tname, name=sname, runs_dir=runs, criterion=args.criterion,
                                           keep_negatives=args.keep_negatives, device=args.device,
-                                          workers=cfg.workers, overwrite=True))
+                                          overrides=student_overrides, workers=cfg.workers, overwrite=True))
                 models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)))
         if args.oracle:
             oname = f"teacher-oracle-s{seed}"
@@ -283,7 +289,8 @@ def main(argv: list[str]) -> int:
         # Rewritten after every seed: an unfinished study still leaves its finished seeds behind.
         settings = {**{k: v for k, v in dataclasses.asdict(cfg).items()
                        if k not in ("workdir", "seed", "teach_options", "dataset_options")},
-                    **options, **looks, "keep_negatives": args.keep_negatives}
+                    **options, **looks, "keep_negatives": args.keep_negatives,
+                    "student_trim_positives": args.student_trim_positives}
         header = ["# Teacher vs student on the synthetic dataset", "",
                   f"Command: `python {' '.join(['benchmarks/science.py', *argv])}`  ",
                   f"Settings: {json.dumps(settings, default=str)}  ",
