@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 
 
@@ -83,6 +84,25 @@ def resource_error(exc: BaseException, path: str | os.PathLike | None = None) ->
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return ResourceError(f"out of accelerator memory: {first[:160]}", hint=OOM_HINT)
     return None
+
+
+def library_errors(fn):
+    """Make a library entry point raise :class:`ResourceError` for a full disk or an accelerator
+    out of memory, as the command line reports them, instead of torch's or h5py's own exception."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UtsError:
+            raise
+        except Exception as exc:
+            mapped = resource_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    return wrapper
 
 
 EXIT_CODES = {

@@ -35,3 +35,27 @@ def test_out_of_memory_forms_and_non_matches():
     assert mapped.exit_code == 4 and "--batch-size" in mapped.hint
     for other in (OSError(errno.EACCES, "Permission denied"), RuntimeError("shape mismatch"), ValueError("x")):
         assert resource_error(other) is None
+
+
+def test_library_entry_points_raise_resource_errors(monkeypatch, tmp_path):
+    """An accelerator OOM inside the library reaches a script as ResourceError (exit class 4), not torch's."""
+    import torch
+
+    from uts_cli.api import teach as teach_api
+    from uts_cli.config import TeachConfig
+    from uts_cli.errors import ResourceError
+
+    def oom(cfg, reporter=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(teach_api, "train_run", oom)
+    with pytest.raises(ResourceError, match="out of accelerator memory") as info:
+        teach_api.teach(TeachConfig(store=tmp_path / "s.h5", name="t"))
+    assert info.value.exit_code == 4 and isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+    def bug(cfg, reporter=None):
+        raise ValueError("a bug stays a bug")
+
+    monkeypatch.setattr(teach_api, "train_run", bug)
+    with pytest.raises(ValueError):
+        teach_api.teach(TeachConfig(store=tmp_path / "s.h5", name="t"))

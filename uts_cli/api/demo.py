@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uts_cli.config import DistillConfig, EvalConfig, NormalizeConfig, PrepareConfig, TeachConfig
+from uts_cli.errors import library_errors
 from uts_cli.reporting import NullReporter, Reporter
 
 
@@ -100,6 +101,7 @@ def _eval_summary(result) -> dict:
             "patch": result.patch, "image_level": result.image_level}
 
 
+@library_errors
 def demo(cfg: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
     """Run the full UTS pipeline on the synthetic dataset and compare teacher and student.
 

@@ -29,7 +29,7 @@ import numpy as np
 from uts_cli.choices import FILTERS, PIXEL_THRESHOLD_MODES
 from uts_cli.config import DistillConfig, TeachConfig, check_schema_version, to_dict
 from uts_cli.distillation import REASONS, Decision, decide
-from uts_cli.errors import InputDataError, UsageError
+from uts_cli.errors import InputDataError, UsageError, library_errors
 from uts_cli.io.atomic import atomic_write, atomic_write_json
 from uts_cli.io.rundir import RunDir, RunLogReporter, check_run_name, resolve_run
 from uts_cli.io.store import PatchStore
@@ -303,6 +303,7 @@ def _write_review(out_dir: Path, rows: list[dict], features: list[dict], summary
     atomic_write_json(out_dir / "summary.json", summary)
 
 
+@library_errors
 def distill(cfg: DistillConfig, reporter: Reporter | None = None) -> DistillResult:
     """Filter the teacher's training set and train a student on what is kept.
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from uts_cli.choices import CHECKPOINT_NAMES, MATCHING_MODES, TRUTH_MODES
 from uts_cli.config import EvalConfig, check_schema_version
-from uts_cli.errors import InputDataError, UsageError
+from uts_cli.errors import InputDataError, UsageError, library_errors
 from uts_cli.io.store import SPLIT_CODES, PatchStore
 from uts_cli.metrics import Counts
 from uts_cli.reporting import NullReporter, Reporter
@@ -97,6 +97,7 @@ def _field_rgb(store: PatchStore, image_idx: int, scale: float = 1.0) -> np.ndar
     return out
 
 
+@library_errors
 def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
     """Score a trained run on one split of a store.
 

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from uts_cli.config import NormalizeConfig, to_dict, to_json
-from uts_cli.errors import InputDataError, ResourceError, UsageError, resource_error
+from uts_cli.errors import InputDataError, ResourceError, UsageError, library_errors, resource_error
 from uts_cli.io import store
 from uts_cli.reporting import NullReporter, Reporter
 
@@ -210,6 +210,7 @@ def _check_options(cfg: NormalizeConfig) -> None:
         raise UsageError(f"--beta {cfg.beta} must not be negative", hint="use e.g. --beta 0.15")
 
 
+@library_errors
 def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> NormalizeResult:
     """Write a stain-normalized copy of a patch store.
 

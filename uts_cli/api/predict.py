@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from uts_cli.config import PredictConfig
-from uts_cli.errors import InputDataError, ResourceError, UsageError, UtsError
+from uts_cli.errors import InputDataError, ResourceError, UsageError, UtsError, library_errors
 from uts_cli.reporting import NullReporter, Reporter
 
 # Pixel sizes closer than this (relative) to the run's are used as they are.
@@ -297,6 +297,7 @@ def _check_options(cfg: PredictConfig) -> None:
         raise UsageError("no input image given", hint="pass one or more image files, folders or globs")
 
 
+@library_errors
 def predict(cfg: PredictConfig, reporter: Reporter | None = None) -> PredictResult:
     """Detect mitoses in every input image and write the exports and summaries.
 

@@ -12,7 +12,7 @@ import numpy as np
 from uts_cli.config import PrepareConfig, to_dict, to_json
 from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS
 from uts_cli.datasets.base import SourceImage
-from uts_cli.errors import InputDataError, UsageError, resource_error
+from uts_cli.errors import InputDataError, UsageError, library_errors, resource_error
 from uts_cli.io import store
 from uts_cli.reporting import NullReporter, Reporter
 from uts_cli.tiling import assign_points, extract_tile, tile_grid
@@ -183,6 +183,7 @@ def _image_row(image: SourceImage) -> dict:
             "split": image.split, "pixel_size_um": pixel_size, "labelled": image.labelled}
 
 
+@library_errors
 def prepare(cfg: PrepareConfig, reporter: Reporter | None = None) -> PrepareResult:
     """Tile every image of a dataset into a new patch store.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from uts_cli.config import SCHEMA_VERSION, TeachConfig, check_schema_version, to_dict
-from uts_cli.errors import InputDataError, UsageError
+from uts_cli.errors import InputDataError, UsageError, library_errors
 from uts_cli.io.rundir import RunLogReporter, check_run_name, collect_env, resolve_run
 from uts_cli.io.store import PatchStore
 from uts_cli.reporting import NullReporter, Reporter
@@ -216,6 +216,7 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
         seconds=round(time.monotonic() - t0, 2), history=fit_result.history)
 
 
+@library_errors
 def teach(cfg: TeachConfig, reporter: Reporter | None = None) -> TeachResult:
     """Train the teacher on the store's training split with image-level labels only."""
     return train_run(cfg, reporter)
