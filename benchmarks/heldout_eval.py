@@ -31,7 +31,7 @@ from science import DATASET_FLAGS, _given, field_bootstrap_sd  # noqa: E402  (a 
 
 # Model names science.py gives its runs (prefix before "-s<seed>"), in table order.
 MODELS = {"teacher": "teacher", "student": "student (TP)", "student-keepneg": "student, --keep-negatives",
-          "student-trim0": "student, --trim-positives 0",
+          "student-trim0": "student, --trim-positives 0", "student-warm": "student from its teacher's weights",
           "teacher2x": "teacher 2x epochs", "teacher-oracle": "teacher on clean labels"}
 
 
@@ -71,7 +71,8 @@ def report(scores: dict, seeds: list[int], tags: list[str], header: list[str]) -
             _fmt([scores[(s, tag, m)]["f1"] for s in seeds if (s, tag, m) in scores]) for m in models) + " |")
         lines.append("")
         for a, b in (("student", "teacher"), ("student", "teacher2x"), ("teacher2x", "teacher"),
-                     ("student-trim0", "teacher"), ("student-trim0", "student"), ("student-trim0", "teacher2x")):
+                     ("student-trim0", "teacher"), ("student-trim0", "student"), ("student-trim0", "teacher2x"),
+                     ("student-warm", "teacher"), ("student-warm", "student"), ("student-warm", "teacher2x")):
             pairs = [scores[(s, tag, a)]["f1"] - scores[(s, tag, b)]["f1"] for s in seeds
                      if (s, tag, a) in scores and (s, tag, b) in scores]
             if pairs:

@@ -211,6 +211,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep-negatives", action="store_true",
                         help="the filter judges the positives only (student runs named student-keepneg-s<N>)")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--student-init", choices=["fresh", "teacher"], default="fresh",
+                        help="the student's initial weights: fresh (the method's) or its teacher's best checkpoint "
+                             "(runs named student-warm-s<N>)")
     parser.add_argument("--student-trim-positives", type=float, default=None,
                         help="the student's --trim-positives instead of the teacher's (runs named student-trim<F>-s<N>)")
     for flag in ("--n-cases", "--n-blocks", "--epochs", "--steps-per-epoch", "--patch-size", "--batch-size"):
@@ -246,10 +249,13 @@ def main(argv: list[str]) -> int:
         store = demo_store(cfg)
         runs = Path(cfg.workdir) / f"runs-{args.tag}"
         student_trim = "" if args.student_trim_positives is None else f"-trim{args.student_trim_positives:g}"
+        warm = "-warm" if args.student_init == "teacher" else ""
         tname = f"teacher-s{seed}"
-        sname = f"student{'-keepneg' if args.keep_negatives else ''}{student_trim}-s{seed}"
+        sname = f"student{'-keepneg' if args.keep_negatives else ''}{warm}{student_trim}-s{seed}"
         student_overrides = ({} if args.student_trim_positives is None
                              else {"trim_positives": args.student_trim_positives})
+        if warm:
+            student_overrides["weights"] = str(runs / tname / "checkpoints" / "best.pt")
         done = runs / tname / "metrics.json"
         reuse = args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "complete"
         models, extra, d = {}, {}, None
@@ -290,7 +296,7 @@ def main(argv: list[str]) -> int:
         settings = {**{k: v for k, v in dataclasses.asdict(cfg).items()
                        if k not in ("workdir", "seed", "teach_options", "dataset_options")},
                     **options, **looks, "keep_negatives": args.keep_negatives,
-                    "student_trim_positives": args.student_trim_positives}
+                    "student_trim_positives": args.student_trim_positives, "student_init": args.student_init}
         header = ["# Teacher vs student on the synthetic dataset", "",
                   f"Command: `python {' '.join(['benchmarks/science.py', *argv])}`  ",
                   f"Settings: {json.dumps(settings, default=str)}  ",
