@@ -119,7 +119,7 @@ def _value(param, hint, files) -> list[str]:
     if kind is Path:
         if param.name in ("splits", "annotations"):
             return [opt, str(files["csv"])]
-        if param.name == "store":
+        if param.name in ("store", "like"):
             return [opt, str(files["store"])]
         if param.name == "reference":
             return [opt, str(files["ref"])]
