@@ -32,7 +32,7 @@ from science import DATASET_FLAGS, _given, field_bootstrap_sd  # noqa: E402  (a 
 # Model names science.py gives its runs (prefix before "-s<seed>"), in table order.
 MODELS = {"teacher": "teacher", "student": "student (TP)", "student-keepneg": "student, --keep-negatives",
           "student-trim0": "student, --trim-positives 0", "student-warm": "student from its teacher's weights",
-          "teacher2x": "teacher 2x epochs", "teacher-oracle": "teacher on clean labels"}
+          "teacher2x": "teacher 2x epochs", "teacher-cont": "teacher continued from its weights", "teacher-oracle": "teacher on clean labels"}
 
 
 def finished_runs(workdir: Path, seeds: list[int], tags: list[str]):
@@ -72,7 +72,8 @@ def report(scores: dict, seeds: list[int], tags: list[str], header: list[str]) -
         lines.append("")
         for a, b in (("student", "teacher"), ("student", "teacher2x"), ("teacher2x", "teacher"),
                      ("student-trim0", "teacher"), ("student-trim0", "student"), ("student-trim0", "teacher2x"),
-                     ("student-warm", "teacher"), ("student-warm", "student"), ("student-warm", "teacher2x")):
+                     ("student-warm", "teacher"), ("student-warm", "student"), ("student-warm", "teacher2x"),
+                     ("student-warm", "teacher-cont"), ("teacher-cont", "teacher")):
             pairs = [scores[(s, tag, a)]["f1"] - scores[(s, tag, b)]["f1"] for s in seeds
                      if (s, tag, a) in scores and (s, tag, b) in scores]
             if pairs:

@@ -224,7 +224,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--control", action="store_true",
                         help="also train a teacher for twice the epochs (the student's compute) as a control")
     parser.add_argument("--control-only", action="store_true",
-                        help="train and score only that control (adds it to a study run without --control)")
+                        help="train and score only the control: the 2x-epochs teacher, or with "
+                             "--continue-control that one (adds it to a study run without it)")
+    parser.add_argument("--continue-control", action="store_true",
+                        help="also train the teacher on for the student's epochs from its own best checkpoint, on "
+                             "the unfiltered labels (teacher-cont-s<N>): the control of a --student-init teacher run")
     parser.add_argument("--oracle", action="store_true",
                         help="also train a teacher on the clean truth (labels and points), with the teacher's "
                              "settings: the ceiling that removing all label noise would reach")
@@ -277,7 +281,12 @@ def main(argv: list[str]) -> int:
                       extra_config={"labels": "clean truth (benchmarks/science.py --oracle)"})
             models["teacher on clean labels"] = _region(evaluate(EvalConfig(run=runs / oname, split="test",
                                                                             device=args.device)))
-        if args.control or args.control_only:
+        if args.continue_control:
+            cname = f"teacher-cont-s{seed}"
+            teach(teacher_config(cfg, store, cname, runs, weights=str(runs / tname / "checkpoints" / "best.pt")))
+            models["teacher, continued"] = _region(evaluate(EvalConfig(run=runs / cname, split="test",
+                                                                       device=args.device)))
+        if args.control or (args.control_only and not args.continue_control):
             teach(teacher_config(cfg, store, f"teacher2x-s{seed}", runs, epochs=2 * cfg.epochs))
             models["teacher 2x epochs"] = _region(evaluate(EvalConfig(run=runs / f"teacher2x-s{seed}", split="test",
                                                                       device=args.device)))
