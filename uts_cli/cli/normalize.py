@@ -18,7 +18,7 @@ EXAMPLES = """Examples (after the `uts prepare` examples):
 
   uts normalize folder-p128.h5 --no-hist-match --device cpu -o folder-macenko.h5
 
-  uts normalize new-test-p128.h5 --like local_data/stores/synthetic-p128-norm.h5
+  uts normalize folder-p128.h5 --like local_data/stores/synthetic-p128-norm.h5 -o folder-like-synthetic.h5
 """
 
 
@@ -65,7 +65,7 @@ def normalize_cmd(
     print_table(f"Normalized -> {result.store}", [
         ("patches", result.n_patches),
         ("flagged (background, left unchanged)", result.n_flagged),
-        ("reference", result.reference),
+        ("reference", result.reference if like is None else f"{result.reference} (that of {like})"),
         ("device", result.device),
         ("resumed patches", result.resumed_patches),
         ("time", f"{result.seconds:.1f} s ({result.patches_per_second:.1f} patches/s)"),
