@@ -73,7 +73,7 @@ def report(scores: dict, seeds: list[int], tags: list[str], header: list[str]) -
         for a, b in (("student", "teacher"), ("student", "teacher2x"), ("teacher2x", "teacher"),
                      ("student-trim0", "teacher"), ("student-trim0", "student"), ("student-trim0", "teacher2x"),
                      ("student-warm", "teacher"), ("student-warm", "student"), ("student-warm", "teacher2x"),
-                     ("student-warm", "teacher-cont"), ("teacher-cont", "teacher")):
+                     ("student-warm", "teacher-cont"), ("teacher-cont", "teacher"), ("student", "teacher-cont")):
             pairs = [scores[(s, tag, a)]["f1"] - scores[(s, tag, b)]["f1"] for s in seeds
                      if (s, tag, a) in scores and (s, tag, b) in scores]
             if pairs:
