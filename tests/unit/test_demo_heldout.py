@@ -51,3 +51,22 @@ def test_heldout_fields_differ_from_the_training_fields(small_demo):
     a = held.read_rgb(held.indices("test")[:4])
     b = train.read_rgb(train.indices("test")[:4])
     assert not np.array_equal(a, b)
+
+
+def test_heldout_copy_follows_a_new_training_stain_state(small_demo, tmp_path):
+    """A held-out copy normalized for an older training store of the same name is made again."""
+    import shutil
+
+    import h5py
+
+    cfg, result = small_demo
+    work = tmp_path / "w"
+    shutil.copytree(cfg.workdir / "stores", work / "stores")
+    like = work / "stores" / result.store.name
+    first = demo_api.heldout_test_store(work, like, 2, 64, SMALL, device="cpu")
+    with h5py.File(like, "r+") as f:  # as if the training store had been rendered anew
+        state = json.loads(f["normalization"].attrs["state_json"])
+        state["io"] = state["io"] + 1
+        f["normalization"].attrs["state_json"] = json.dumps(state)
+    again = demo_api.heldout_test_store(work, like, 2, 64, SMALL, device="cpu")
+    assert again == first and PatchStore(again).stain_state == PatchStore(like).stain_state

@@ -156,6 +156,7 @@ def _heldout_seed(seed: int) -> int:
 
 
 def test_set_summary(path: Path, held_out: bool) -> dict:
+    """What a store's test split holds: cases, fields and (with a clean truth) mitoses."""
     import numpy as np
 
     from uts_cli.io.store import PatchStore
@@ -193,7 +194,9 @@ def heldout_test_store(work: Path, like: Path, n_cases: int, patch_size: int, lo
         prepare(PrepareConfig(dataset="synthetic", root=work / "datasets" / name, output=raw, patch_size=patch_size,
                               compression="lzf", overwrite=True, dataset_options=options), reporter)
     out = raw.with_name(f"{raw.stem}-like-{Path(like).stem}.h5")
-    if not _complete(out):
+    # Reused only while it still carries the training store's stain state (a training store
+    # rendered again under the same name gets its held-out copy normalized again).
+    if not _complete(out) or _stain_state(out) != _stain_state(Path(like)):
         normalize(NormalizeConfig(store=raw, output=out, like=Path(like), device=device, overwrite=True), reporter)
     return out
 
@@ -276,6 +279,12 @@ def teacher_config(cfg: DemoConfig, store: Path, name: str, runs: Path, **change
     base.update(cfg.teach_options)
     base.update(changes)
     return TeachConfig(**base)
+
+
+def _stain_state(path: Path) -> dict | None:
+    from uts_cli.io.store import PatchStore
+
+    return PatchStore(path).stain_state
 
 
 def _complete(path: Path) -> bool:
