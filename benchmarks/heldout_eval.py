@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from uts_cli.api.demo import _look_suffix, test_set_summary, heldout_test_store
+from uts_cli.api.demo import heldout_set_name, heldout_test_store, test_set_summary
 from uts_cli.api.evaluate import evaluate
 from uts_cli.config import EvalConfig
 
@@ -32,7 +32,8 @@ from science import DATASET_FLAGS, _given, field_bootstrap_sd  # noqa: E402  (a 
 # Model names science.py gives its runs (prefix before "-s<seed>"), in table order.
 MODELS = {"teacher": "teacher", "student": "student (TP)", "student-keepneg": "student, --keep-negatives",
           "student-trim0": "student, --trim-positives 0", "student-warm": "student from its teacher's weights",
-          "teacher2x": "teacher 2x epochs", "teacher-cont": "teacher continued from its weights", "teacher-oracle": "teacher on clean labels"}
+          "teacher2x": "teacher 2x epochs", "teacher-cont": "teacher continued from its weights",
+          "teacher-oracle": "teacher on clean labels"}
 
 
 def finished_runs(workdir: Path, seeds: list[int], tags: list[str]):
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     looks = _given(args, DATASET_FLAGS)
     t0 = time.monotonic()
-    set_name = f"heldout-g{args.generator_seed}-c{args.cases}{_look_suffix(looks)}-p{args.patch_size}"
+    set_name = f"{heldout_set_name(args.cases, looks, args.generator_seed)}-p{args.patch_size}"
     eval_name = f"eval-heldout-{set_name}"
     test_store = None
     scores, rows = {}, []

@@ -255,11 +255,12 @@ def main(argv: list[str]) -> int:
         student_trim = "" if args.student_trim_positives is None else f"-trim{args.student_trim_positives:g}"
         warm = "-warm" if args.student_init == "teacher" else ""
         tname = f"teacher-s{seed}"
+        teacher_best = str(runs / tname / "checkpoints" / "best.pt")   # the warm starts' weights
         sname = f"student{'-keepneg' if args.keep_negatives else ''}{warm}{student_trim}-s{seed}"
         student_overrides = ({} if args.student_trim_positives is None
                              else {"trim_positives": args.student_trim_positives})
         if warm:
-            student_overrides["weights"] = str(runs / tname / "checkpoints" / "best.pt")
+            student_overrides["weights"] = teacher_best
         done = runs / tname / "metrics.json"
         reuse = args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "complete"
         models, extra, d = {}, {}, None
@@ -283,7 +284,7 @@ def main(argv: list[str]) -> int:
                                                                             device=args.device)))
         if args.continue_control:
             cname = f"teacher-cont-s{seed}"
-            teach(teacher_config(cfg, store, cname, runs, weights=str(runs / tname / "checkpoints" / "best.pt")))
+            teach(teacher_config(cfg, store, cname, runs, weights=teacher_best))
             models["teacher, continued"] = _region(evaluate(EvalConfig(run=runs / cname, split="test",
                                                                        device=args.device)))
         if args.control or (args.control_only and not args.continue_control):

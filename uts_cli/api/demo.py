@@ -169,6 +169,11 @@ def test_set_summary(path: Path, held_out: bool) -> dict:
             "fields": int(len(images)), "mitoses": mitoses}
 
 
+def heldout_set_name(n_cases: int, looks: dict | None = None, generator_seed: int = HELDOUT_GENERATOR_SEED) -> str:
+    """The held-out dataset's name, e.g. ``heldout-g1000-c40``; its stores add ``-p<patch size>``."""
+    return f"heldout-g{generator_seed}-c{n_cases}{_look_suffix(looks or {})}"
+
+
 def heldout_test_store(work: Path, like: Path, n_cases: int, patch_size: int, looks: dict | None = None,
                        generator_seed: int = HELDOUT_GENERATOR_SEED, device: str = "auto",
                        reporter: Reporter | None = None) -> Path:
@@ -187,7 +192,7 @@ def heldout_test_store(work: Path, like: Path, n_cases: int, patch_size: int, lo
 
     reporter = reporter or NullReporter()
     looks = looks or {}
-    name = f"heldout-g{generator_seed}-c{n_cases}{_look_suffix(looks)}"
+    name = heldout_set_name(n_cases, looks, generator_seed)
     raw = work / "stores" / f"{name}-p{patch_size}.h5"
     if not _complete(raw):
         options = {"seed": generator_seed, "n_cases": n_cases + 2, "val_cases": 1, "test_cases": n_cases, **looks}
@@ -196,7 +201,8 @@ def heldout_test_store(work: Path, like: Path, n_cases: int, patch_size: int, lo
     out = raw.with_name(f"{raw.stem}-like-{Path(like).stem}.h5")
     # Reused only while it still carries the training store's stain state (a training store
     # rendered again under the same name gets its held-out copy normalized again).
-    if not _complete(out) or _stain_state(out) != _stain_state(Path(like)):
+    state = _stain_state(out)
+    if state is None or state != _stain_state(Path(like)):
         normalize(NormalizeConfig(store=raw, output=out, like=Path(like), device=device, overwrite=True), reporter)
     return out
 
@@ -282,9 +288,16 @@ def teacher_config(cfg: DemoConfig, store: Path, name: str, runs: Path, **change
 
 
 def _stain_state(path: Path) -> dict | None:
+    """A store's fitted stain state; None when the store is missing, incomplete or not normalized."""
+    from uts_cli.errors import InputDataError
     from uts_cli.io.store import PatchStore
 
-    return PatchStore(path).stain_state
+    if not path.exists():
+        return None
+    try:
+        return PatchStore(path).stain_state
+    except InputDataError:
+        return None
 
 
 def _complete(path: Path) -> bool:

@@ -123,8 +123,8 @@ def _load_reference(cfg: NormalizeConfig, src: store.PatchStore) -> tuple[np.nda
     return _stitch_field(src, image_idx), f"store:{src.image_ids[image_idx]}"
 
 
-def _normalization_of(path: Path) -> dict:
-    """The ``/normalization`` attributes of another normalized store (for ``--like``).
+def _normalization_of(path: Path) -> tuple[dict, str]:
+    """The ``/normalization`` attributes and the uuid of another normalized store (for ``--like``).
 
     Raises:
         InputDataError: not a readable store.
@@ -136,7 +136,7 @@ def _normalization_of(path: Path) -> dict:
                          hint="name the store `uts normalize` wrote for the training data")
     with h5py.File(path, "r") as f:
         attrs = dict(f["normalization"].attrs)
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}, other.uuid
 
 
 def _create_output(src: store.PatchStore, out: Path, cfg: NormalizeConfig, chash: str, state: dict,
@@ -244,10 +244,10 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
     store.check_output_path(out, cfg.overwrite, warn=reporter.warn)
     device = resolve_device(cfg.device)
     compression = cfg.compression or str(src.attrs.get("compression", "gzip"))
+    like, like_uuid = _normalization_of(Path(cfg.like)) if cfg.like is not None else (None, None)
     key = to_dict(cfg)
     key.update(output=None, overwrite=None, device=None, batch_size=None, source_uuid=src.uuid,
-               like=None if cfg.like is None else store.PatchStore(cfg.like).uuid,
-               compression=compression)
+               like=like_uuid, compression=compression)
     chash = store.config_hash(key)
 
     f = store.open_partial_for_resume(out, chash, required_group="normalization", warn=reporter.warn)
@@ -258,9 +258,7 @@ def normalize(cfg: NormalizeConfig, reporter: Reporter | None = None) -> Normali
         resumed = int(f.attrs["n_done"])
         reporter.log(f"resuming {store.partial_path(out)}: {resumed}/{len(src)} patches already done")
     else:
-        like = None
-        if cfg.like is not None:
-            like = _normalization_of(Path(cfg.like))
+        if like is not None:
             state = StainState.from_dict(json.loads(like["state_json"]))
             reference = str(like["reference"])
         else:
