@@ -1,5 +1,6 @@
 """The demo's held-out test set: rendered once, normalized like the training store, scored end to end."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ def test_demo_scores_teacher_and_student_on_the_heldout_set(small_demo):
     cfg, result = small_demo
     ts = result.test_set
     assert ts["held_out"] and ts["cases"] == 2 and ts["fields"] == 4 and ts["mitoses"] > 0
+    assert ts["generator_seed"] == demo_api.HELDOUT_GENERATOR_SEED
+    assert f"-g{ts['generator_seed']}-" in Path(ts["store"]).name   # the seed that renders the set again
     held, train = PatchStore(ts["store"]), PatchStore(result.store)
     assert held.stain_state == train.stain_state             # the training colours
     assert held.uuid != train.uuid

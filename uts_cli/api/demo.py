@@ -145,9 +145,12 @@ def demo(cfg: DemoConfig, reporter: Reporter | None = None) -> DemoResult:
                                                          truth="auto", output=output, device=cfg.device), reporter))
     step("eval")
     distill_summary = {k: v for k, v in d.__dict__.items() if k != "student"}
+    test_set = test_set_summary(test_store, held_out=cfg.heldout_cases > 0)
+    if cfg.heldout_cases > 0:
+        test_set["generator_seed"] = _heldout_seed(cfg.seed)   # what renders the same set again
     return DemoResult(workdir=work, store=norm, teacher=results["teacher"], student=results["student"],
                       distill=distill_summary, seconds=round(time.monotonic() - t0, 2), steps=steps,
-                      test_set=test_set_summary(test_store, held_out=cfg.heldout_cases > 0))
+                      test_set=test_set)
 
 
 def _heldout_seed(seed: int) -> int:
