@@ -292,25 +292,22 @@ def teacher_config(cfg: DemoConfig, store: Path, name: str, runs: Path, **change
 
 def _stain_state(path: Path) -> dict | None:
     """A store's fitted stain state; None when the store is missing, incomplete or not normalized."""
-    from uts_cli.errors import InputDataError
-    from uts_cli.io.store import PatchStore
-
-    if not path.exists():
-        return None
-    try:
-        return PatchStore(path).stain_state
-    except InputDataError:
-        return None
+    opened = _open_complete(path)
+    return None if opened is None else opened.stain_state
 
 
 def _complete(path: Path) -> bool:
+    return _open_complete(path) is not None
+
+
+def _open_complete(path: Path):
+    """The store at ``path``, or None when it is missing or not a complete store."""
     from uts_cli.errors import InputDataError
     from uts_cli.io.store import PatchStore
 
     if not path.exists():
-        return False
+        return None
     try:
-        PatchStore(path)
+        return PatchStore(path)
     except InputDataError:
-        return False
-    return True
+        return None

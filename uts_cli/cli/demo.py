@@ -37,7 +37,8 @@ def demo_cmd(
         "--steps-per-epoch", min=1, help="Steps per epoch (default: the profile's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", min=1, help="Batch size (default: the profile's).")] = None,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate of teacher and student (AdamW, warm-up + cosine).")] = 1e-3,
+    lr: Annotated[float, typer.Option(
+        "--lr", min=0.0, help="Peak learning rate of teacher and student (AdamW, warm-up + cosine).")] = 1e-3,
     workers: WorkersOpt = 1,
     device: DeviceOpt = "auto",
     heldout_cases: Annotated[Optional[int], typer.Option(

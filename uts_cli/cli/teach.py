@@ -60,7 +60,8 @@ def teach_cmd(
         "--cam-upsample", help="CAM cells to pixels: exact (each cell on its receptive field's centre) or "
         "method (align_corners over the patch, the original; off by up to one stride).")] = CamUpsample.exact,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 10,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate (the peak with --lr-schedule warmup-cosine).")] = 1e-4,
+    lr: Annotated[float, typer.Option(
+        "--lr", min=0.0, help="Learning rate (the peak with --lr-schedule warmup-cosine).")] = 1e-4,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", min=1, help="Batch size; under torchrun the global batch, split over the processes.")] = 32,
     steps_per_epoch: Annotated[Optional[int], typer.Option(
