@@ -37,6 +37,12 @@ from uts_cli.io.store import PatchStore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from filter_bound import separability  # noqa: E402  (a sibling script, not a package)
 
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
 TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
     "--select": ("select", str), "--aggregation": ("aggregation", str), "--cam-upsample": ("cam_upsample", str),
     "--optimizer": ("optimizer", str), "--weight-decay": ("weight_decay", float),
@@ -45,6 +51,8 @@ TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
     "--trim-positives": ("trim_positives", float),
     "--location": ("location", str), "--alpha-location": ("alpha_location", float),
     "--margin": ("margin", float), "--temperature": ("temperature", float),
+    "--norm": ("norm", str), "--image-loss": ("image_loss", str), "--gce-q": ("gce_q", float),
+    "--balance": ("balance", _on_off),
 }
 DATASET_FLAGS = {  # flag -> (SyntheticSpec field, type): the look of the rendered data
     "--stain-spread": ("stain_spread", float), "--nucleus-density": ("nucleus_density", float),

@@ -11,6 +11,7 @@ ARCHS = ("resnet18", "resnet50")
 AGGREGATIONS = ("max", "mean", "lse")             # lse: log-mean-exp, between the two
 MODES = ("instance", "embedding")                 # pool the CAM / pool the features
 INPUT_NORMS = ("unit", "imagenet")                # pixels/255 (the original) / ImageNet mean-std
+NORM_LAYERS = ("batch", "group")                  # BatchNorm (the original) / GroupNorm, 32 groups
 # CAM to pixels: cell n centred on pixel stride*n (where its receptive field is centred) /
 # bilinear with align_corners=True over the whole patch (the original; up to ~1 stride off).
 CAM_UPSAMPLINGS = ("exact", "method")
@@ -18,6 +19,7 @@ WEIGHTS_KEYWORDS = ("imagenet", "none")           # anything else given to --wei
 
 # Training ---------------------------------------------------------------------------------
 LOCATIONS = ("none", "l2", "lb")
+IMAGE_LOSSES = ("bce", "gce")                     # binary cross-entropy / generalized CE (noise-robust)
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 PIXEL_THRESHOLD_MODES = ("image", "localization")
 SELECT_MODES = ("localization", "image")          # what chooses best.pt: region loc. F1 / image F1

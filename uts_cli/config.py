@@ -105,6 +105,8 @@ class TeachConfig:
         name: run name (folder ``runs_dir / name``).
         runs_dir: folder that holds the run folders.
         arch, n_blocks, aggregation, mode, input_norm: the CAM network (see ``uts_cli.choices``).
+        norm: the backbone's normalisation layers, ``batch`` (BatchNorm, the method) or ``group``
+            (GroupNorm with 32 groups: no batch statistics, so the same in training and inference).
         cam_upsample: CAM cells to pixels, ``exact`` (cell n on pixel stride * n, the centre of
             its receptive field) or ``method`` (align_corners=True over the patch, the original).
         weights: backbone init, ``imagenet``, ``none`` or a file.
@@ -112,6 +114,9 @@ class TeachConfig:
         lr: (peak) learning rate.
         batch_size: training batch size.
         location: location constraint, ``none``, ``l2`` or ``lb``.
+        image_loss: the image-level loss, ``bce`` (the method) or ``gce`` (generalized
+            cross-entropy, which lets the samples the network contradicts most pull less).
+        gce_q: q of ``gce``, in (0, 1]: towards 0 it is BCE, at 1 the mean absolute error.
         alpha_location: weight of the location loss.
         temperature: T in ``sigmoid(T * CAM)`` for the soft centroid.
         margin: distance (pixels) the ``lb`` barrier allows for free.
@@ -149,7 +154,7 @@ class TeachConfig:
             no effect in a single process.
         val_batch_size: inference batch size for validation (None = ``batch_size``).
         weight_decay: weight decay of the optimizer (0 in the method).
-        alpha_ce: weight of the image-level BCE loss.
+        alpha_ce: weight of the image-level loss.
         channels_last: NHWC memory format (None = on CUDA only).
         max_points: annotated points kept per patch.
         report_every: steps between loss values sent to the progress display (each syncs a GPU).
@@ -165,10 +170,13 @@ class TeachConfig:
     weights: str = "imagenet"           # imagenet | none | PATH
     input_norm: str = "unit"            # unit (pixels/255, the original) | imagenet
     cam_upsample: str = "exact"         # exact | method (the original's align_corners=True)
+    norm: str = "batch"                 # batch (the original) | group
     epochs: int = 10
     lr: float = 1e-4
     batch_size: int = 32
     location: str = "none"
+    image_loss: str = "bce"             # bce (the method) | gce
+    gce_q: float = 0.7
     alpha_location: float = 0.01
     temperature: float = 10.0
     margin: float = 40.0
@@ -215,6 +223,15 @@ class TeachConfig:
             one_of(self.input_norm, choices.INPUT_NORMS, "--input-norm"),
             one_of(self.cam_upsample, choices.CAM_UPSAMPLINGS, "--cam-upsample"),
             one_of(self.location, choices.LOCATIONS, "--location"),
+            one_of(self.norm, choices.NORM_LAYERS, "--norm"),
+            one_of(self.image_loss, choices.IMAGE_LOSSES, "--image-loss"),
+            (0 < self.gce_q <= 1, "gce_q must be in (0, 1]", "use e.g. --gce-q 0.7"),
+            # The ImageNet file holds BatchNorm statistics a GroupNorm network has no place for.
+            (self.norm == "batch" or self.weights != "imagenet", "--norm group cannot start from the "
+             "ImageNet weights (they were trained with BatchNorm)", "add --weights none, or use --norm batch"),
+            (self.norm == "batch" or not (self.bn_reestimate or self.sync_bn),
+             "--bn-reestimate and --sync-bn act on BatchNorm; a --norm group network has none",
+             "drop them, or use --norm batch"),
             one_of(self.pixel_threshold, choices.PIXEL_THRESHOLD_MODES, "--pixel-threshold"),
             one_of(self.amp, choices.AMP_MODES, "--amp"),
             one_of(self.select, choices.SELECT_MODES, "--select"),

@@ -119,3 +119,24 @@ def test_a_threshold_at_the_edge_of_the_sweep_is_reported(tmp_path, monkeypatch)
     metrics = json.loads((runs / "edge" / "metrics.json").read_text())
     assert cfg["pixel_threshold"] == 0.5 and cfg["pixel_threshold_at_edge"] is True
     assert metrics["pixel_threshold_at_edge"] is True
+
+
+def test_group_norm_and_gce_train_evaluate_and_are_checked(tmp_path):
+    store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
+    runs = tmp_path / "runs"
+    r = _teach(store, runs, "gn", "--norm", "group", "--image-loss", "gce", "--gce-q", "0.5")
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((runs / "gn" / "config.json").read_text())["config"]
+    assert (cfg["norm"], cfg["image_loss"], cfg["gce_q"]) == ("group", "gce", 0.5)
+    ev = runner.invoke(app, ["eval", str(runs / "gn"), "--store", str(store), "--json", "--device", "cpu",
+                             "--workers", "0"], env=ENV)
+    assert ev.exit_code == 0, ev.stderr
+    ev = runner.invoke(app, ["eval", str(runs / "gn"), "--store", str(store), "--bn-adapt", "--device", "cpu",
+                             "--workers", "0"], env=ENV)
+    assert ev.exit_code == 2 and "BatchNorm" in ev.stderr and "drop --bn-adapt" in ev.stderr
+    # GroupNorm has no statistics to re-estimate or sync, and no ImageNet file fits it.
+    for extra, message in ((("--bn-reestimate", "2"), "act on BatchNorm"),
+                           (("--weights", "imagenet"), "ImageNet weights")):
+        r = _teach(store, runs, "bad", "--norm", "group", *extra)
+        assert r.exit_code == 2 and message in r.stderr, r.stderr
+        assert not (runs / "bad").exists()

@@ -105,6 +105,20 @@ def test_old_configs_keep_the_original_upsampling():
         CamNet(upsample="nearest")
 
 
+def test_group_norm_network_and_old_configs_keep_batch_norm():
+    net = CamNet(n_blocks=3, norm="group")
+    norms = [m for m in net.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))]
+    assert norms and all(isinstance(m, torch.nn.GroupNorm) and m.num_groups == cam_mod.GROUPS for m in norms)
+    assert CamNet.from_config(net.config()).norm == "group"
+    logit, cam = net(torch.rand(2, 3, 64, 64))
+    assert logit.shape == (2,) and cam.shape == (2, 1, 4, 4)
+    # "norm" is only written for GroupNorm, so configs and checkpoints saved before it compare equal.
+    plain = CamNet(n_blocks=3)
+    assert "norm" not in plain.config() and CamNet.from_config(plain.config()).norm == "batch"
+    with pytest.raises(UsageError):
+        CamNet(norm="layer")
+
+
 def test_prepare_input_scaling():
     img = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
     unit = CamNet(n_blocks=1, input_norm="unit")

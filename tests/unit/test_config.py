@@ -75,6 +75,11 @@ def test_newer_schema_is_refused_with_a_hint():
     ({"n_blocks": 5}, "n_blocks"),
     ({"steps_per_epoch": 0}, "steps per epoch"),
     ({"max_points": 0}, "max_points"),
+    ({"norm": "layer"}, "unknown --norm"),
+    ({"image_loss": "mae"}, "unknown --image-loss"),
+    ({"gce_q": 0.0}, "gce_q"),
+    ({"norm": "group"}, "ImageNet weights"),
+    ({"norm": "group", "weights": "none", "bn_reestimate": 4}, "act on BatchNorm"),
 ])
 def test_validate_names_the_option(change, message):
     cfg = TeachConfig(store=Path("a.h5"), name="x", **change)
@@ -110,7 +115,8 @@ def test_cli_enums_are_generated_from_choices():
              (teach.PixelThreshold, choices.PIXEL_THRESHOLD_MODES), (distill.Filter, choices.FILTERS),
              (evaluate.Matching, choices.MATCHING_MODES), (evaluate.Split, choices.SPLITS),
              (evaluate.Checkpoint, choices.CHECKPOINT_NAMES), (prepare.Dataset, choices.DATASET_NAMES),
-             (prepare.Compression, choices.COMPRESSIONS)]
+             (prepare.Compression, choices.COMPRESSIONS), (teach.Norm, choices.NORM_LAYERS),
+             (teach.ImageLoss, choices.IMAGE_LOSSES)]
     for enum, values in pairs:
         assert tuple(m.value for m in enum) == values
         assert all(isinstance(m, str) for m in enum)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from uts_cli.config import SCHEMA_VERSION, TeachConfig
 from uts_cli.model.fit import fit
-from uts_cli.model.losses import extended_log_barrier, location_loss, soft_centroid, trim_positives_mask
+from uts_cli.model.losses import (extended_log_barrier, image_loss_each, location_loss, soft_centroid,
+                                  trim_positives_mask)
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")
@@ -260,6 +261,34 @@ def test_trim_positives_starts_after_the_first_epoch(store, tmp_path):
     assert plain[1]["loss_ce"] != pytest.approx(trimmed[1]["loss_ce"], rel=1e-4)
     with pytest.raises(UsageError, match="trim_positives"):
         params(trim_positives=1.0).validate()
+
+
+def test_gce_weighs_each_bce_gradient_by_the_label_probability():
+    logits = torch.tensor([-3.0, -0.5, 0.0, 2.0, 4.0, -1.0], requires_grad=True)
+    labels = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    bce = image_loss_each(logits, labels, "bce", 0.7)
+    torch.testing.assert_close(bce, torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
+                                                                                        reduction="none"))
+    p_label = torch.sigmoid(torch.where(labels > 0.5, logits, -logits)).detach()
+    # q -> 0 is BCE, q = 1 is the absolute error 1 - p.
+    torch.testing.assert_close(image_loss_each(logits, labels, "gce", 1e-6), bce, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(image_loss_each(logits, labels, "gce", 1.0), 1 - p_label)
+    (g_bce,) = torch.autograd.grad(bce.sum(), logits)
+    (g_gce,) = torch.autograd.grad(image_loss_each(logits, labels, "gce", 0.7).sum(), logits)
+    torch.testing.assert_close(g_gce, g_bce * p_label ** 0.7)
+
+
+def test_group_norm_fit_saves_and_reloads_a_group_norm_model(store, tmp_path):
+    torch.manual_seed(0)
+    net = CamNet(n_blocks=2, norm="group")
+    run = RunDir(tmp_path / "gn").create()
+    fit(net, store, only_one_mitosis(store), store.indices("val"), params(norm="group", weights="none", image_loss="gce"), run,
+        device=CPU, handle_sigint=False)
+    loaded, info = load_run_model(run, "best")
+    assert info["model_config"]["norm"] == "group"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
+    torch.testing.assert_close(loaded.state_dict()["backbone.bn1.weight"],
+                               torch.load(run.checkpoint_path("best"), weights_only=True)["model"]["backbone.bn1.weight"])
 
 
 def test_extended_log_barrier():

@@ -157,7 +157,7 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
     reporter.log(f"{command} {'resumed' if resuming else 'started'}: run {run.path}, store {cfg.store}, "
                  f"device {device}{where}")
     model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
-                   input_norm=cfg.input_norm, upsample=cfg.cam_upsample)
+                   input_norm=cfg.input_norm, upsample=cfg.cam_upsample, norm=cfg.norm)
     if not resuming:
         load_backbone_weights(model, cfg.weights)
     run_config = {

@@ -31,6 +31,8 @@ Mode = choice_enum("Mode", choices.MODES)
 Location = choice_enum("Location", choices.LOCATIONS)
 InputNorm = choice_enum("InputNorm", choices.INPUT_NORMS)
 CamUpsample = choice_enum("CamUpsample", choices.CAM_UPSAMPLINGS)
+Norm = choice_enum("Norm", choices.NORM_LAYERS)
+ImageLoss = choice_enum("ImageLoss", choices.IMAGE_LOSSES)
 PixelThreshold = choice_enum("PixelThreshold", choices.PIXEL_THRESHOLD_MODES)
 Amp = choice_enum("Amp", choices.AMP_MODES)
 Select = choice_enum("Select", choices.SELECT_MODES)
@@ -59,6 +61,9 @@ def teach_cmd(
     cam_upsample: Annotated[CamUpsample, typer.Option(
         "--cam-upsample", help="CAM cells to pixels: exact (each cell on its receptive field's centre) or "
         "method (align_corners over the patch, the original; off by up to one stride).")] = CamUpsample.exact,
+    norm: Annotated[Norm, typer.Option(
+        "--norm", help="Normalisation layers: batch (BatchNorm, the method) or group (GroupNorm, 32 groups; "
+                       "needs --weights none).")] = Norm(_D["norm"].default),
     epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 10,
     lr: Annotated[float, typer.Option(
         "--lr", min=0.0, help="Learning rate (the peak with --lr-schedule warmup-cosine).")] = 1e-4,
@@ -67,6 +72,12 @@ def teach_cmd(
     steps_per_epoch: Annotated[Optional[int], typer.Option(
         "--steps-per-epoch", min=1, help="Cap on steps per epoch (default: one balanced pass).")] = None,
     location: Annotated[Location, typer.Option(help="Location constraint on positive patches.")] = Location.none,
+    image_loss: Annotated[ImageLoss, typer.Option(
+        "--image-loss", help="Image-level loss: bce (the method) or gce (generalized cross-entropy, robust "
+                             "to noisy labels).")] = ImageLoss(_D["image_loss"].default),
+    gce_q: Annotated[float, typer.Option(
+        "--gce-q", min=0.01, max=1.0, help="q of --image-loss gce (towards 0: BCE; 1: mean absolute error).")
+    ] = _D["gce_q"].default,
     alpha_location: Annotated[float, typer.Option("--alpha-location", help="Weight of the location loss.")] = 0.01,
     temperature: Annotated[float, typer.Option(help="T in sigmoid(T * CAM) for the soft centroid.")] = 10.0,
     margin: Annotated[float, typer.Option(help="lb: distance allowed for free, pixels.")] = 40.0,
@@ -132,7 +143,7 @@ def teach_cmd(
 
     cfg = TeachConfig(store=store, name=name, runs_dir=runs_dir, arch=arch.value, n_blocks=n_blocks,
                       aggregation=aggregation.value, mode=mode.value, weights=weights, input_norm=input_norm.value,
-                      cam_upsample=cam_upsample.value,
+                      cam_upsample=cam_upsample.value, norm=norm.value, image_loss=image_loss.value, gce_q=gce_q,
                       epochs=epochs, lr=lr, batch_size=batch_size, location=location.value,
                       alpha_location=alpha_location, temperature=temperature, margin=margin, tlb=tlb,
                       augment=augment, strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,

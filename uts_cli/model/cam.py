@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uts_cli.choices import AGGREGATIONS, ARCHS, CAM_UPSAMPLINGS, INPUT_NORMS, MODES
+from uts_cli.choices import AGGREGATIONS, ARCHS, CAM_UPSAMPLINGS, INPUT_NORMS, MODES, NORM_LAYERS
 from uts_cli.errors import InputDataError, ResourceError, UsageError
 
 STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
@@ -25,6 +25,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # r of the "lse" aggregation, (1/r) log mean exp(r * cam): at r = 2 a cell 1 logit below the top
 # gets exp(-2) (0.14) of its gradient weight: the top cells share it, not the arg-max alone.
 LSE_SHARPNESS = 2.0
+# GroupNorm groups (Wu & He's default; every stage width of both archs divides by it).
+GROUPS = 32
 # torchvision's file names for the ImageNet weights (what torch.hub would have cached).
 IMAGENET_FILES = {
     "resnet18": ("resnet18-f37072fd.pth",),
@@ -62,7 +64,8 @@ class CamNet(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet18", n_blocks: int = 3, aggregation: str = "max",
-                 mode: str = "instance", input_norm: str = "unit", upsample: str = "exact"):
+                 mode: str = "instance", input_norm: str = "unit", upsample: str = "exact",
+                 norm: str = "batch"):
         super().__init__()
         from torchvision import models
 
@@ -71,10 +74,12 @@ class CamNet(nn.Module):
         self.mode = _choice("mode", mode, MODES)
         self.input_norm = _choice("input normalisation", input_norm, INPUT_NORMS)
         self.upsample_mode = _choice("CAM upsampling", upsample, CAM_UPSAMPLINGS)
+        self.norm = _choice("normalisation layer", norm, NORM_LAYERS)
         if not 1 <= int(n_blocks) <= 4:
             raise UsageError(f"n_blocks must be 1..4 (got {n_blocks})", hint="the method uses 3")
         self.n_blocks = int(n_blocks)
-        resnet = getattr(models, arch)(weights=None)
+        norm_layer = None if self.norm == "batch" else (lambda c: nn.GroupNorm(GROUPS, c))
+        resnet = getattr(models, arch)(weights=None, norm_layer=norm_layer)
         parts = [("conv1", resnet.conv1), ("bn1", resnet.bn1), ("relu", resnet.relu),
                  ("maxpool", resnet.maxpool)]
         parts += [(f"layer{i}", getattr(resnet, f"layer{i}")) for i in range(1, self.n_blocks + 1)]
@@ -97,15 +102,19 @@ class CamNet(nn.Module):
 
     def config(self) -> dict:
         """JSON-safe constructor arguments (stored in checkpoints and ``config.json``)."""
-        return {"arch": self.arch, "n_blocks": self.n_blocks, "aggregation": self.aggregation,
-                "mode": self.mode, "input_norm": self.input_norm, "upsample": self.upsample_mode}
+        config = {"arch": self.arch, "n_blocks": self.n_blocks, "aggregation": self.aggregation,
+                  "mode": self.mode, "input_norm": self.input_norm, "upsample": self.upsample_mode}
+        if self.norm != "batch":  # absent = BatchNorm, so runs saved before the option compare equal
+            config["norm"] = self.norm
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "CamNet":
         """Build a model from :meth:`config` output (unknown keys are ignored)."""
         keys = ("arch", "n_blocks", "aggregation", "mode", "input_norm")
         # Runs saved before the option existed were trained and scored with the original mapping.
-        return cls(**{k: config[k] for k in keys if k in config}, upsample=config.get("upsample", "method"))
+        return cls(**{k: config[k] for k in keys if k in config}, upsample=config.get("upsample", "method"),
+                   norm=config.get("norm", "batch"))
 
     def prepare_input(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """Turn pixels into the network input.

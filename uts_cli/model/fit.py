@@ -28,7 +28,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from uts_cli import distributed
 from uts_cli.config import SCHEMA_VERSION, TeachConfig, to_dict
@@ -41,7 +40,7 @@ from uts_cli.metrics import best_f1_threshold
 from uts_cli.model.augment import AugmentConfig, augment_batch
 from uts_cli.model.cam import CamNet
 from uts_cli.model.checkpoint import build_checkpoint, changed_options, check_resumable, restore_states
-from uts_cli.model.losses import location_loss, trim_positives_mask
+from uts_cli.model.losses import image_loss_each, location_loss, trim_positives_mask
 from uts_cli.model.optim import WeightEma, lr_factor, make_optimizer, reestimate_bn
 from uts_cli.model.validate import region_sweep
 from uts_cli.model.predict import iter_predictions
@@ -279,7 +278,7 @@ class _Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)  # the per-sample select may change it
         with self.policy.autocast():
             logits, cam = self.net(x)
-        ce_each = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+        ce_each = image_loss_each(logits, labels, p.image_loss, p.gce_q)
         if p.trim_positives > 0 and self.state.global_step >= self.steps_per_epoch:
             # After one epoch of plain training, so the losses rank what was learnt, not the init.
             keep = trim_positives_mask(ce_each, labels, p.trim_positives)

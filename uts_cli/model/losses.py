@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from uts_cli.model.cam import upsample_cam
 
@@ -84,3 +85,17 @@ def trim_positives_mask(per_sample_loss: torch.Tensor, labels: torch.Tensor, fra
     rank[order] = torch.arange(len(order), device=order.device)
     n_trim = torch.floor(fraction * positive.sum())
     return (~(positive & (rank < n_trim))).to(per_sample_loss.dtype)
+
+
+def image_loss_each(logits: torch.Tensor, labels: torch.Tensor, kind: str, q: float) -> torch.Tensor:
+    """Per-sample image-level loss: ``bce``, or ``gce``, the generalized cross-entropy (1 - p^q) / q.
+
+    ``p`` is the probability given to the sample's label. GCE weighs each sample's BCE gradient by
+    ``p^q``, so the samples the network contradicts most (likely noisy labels) pull least; q -> 0
+    is BCE, q = 1 the mean absolute error (Zhang & Sabuncu, 2018).
+    """
+    logits, labels = logits.float(), labels.float()
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    log_p = F.logsigmoid(torch.where(labels > 0.5, logits, -logits))
+    return -torch.expm1(q * log_p) / q  # expm1: exact as q -> 0, where 1 - exp() would cancel

@@ -32,6 +32,11 @@ class PredictionBatch(NamedTuple):
     cams: np.ndarray | None    # (b, P, P) sigmoid of the upsampled CAM logits, or None
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """True when ``model`` has BatchNorm layers (a ``--norm group`` network has none)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 @contextlib.contextmanager
 def bn_adaptation(model: nn.Module):
     """BatchNorm layers normalise with each batch's own statistics, without touching the weights.
