@@ -132,8 +132,9 @@ def test_group_norm_and_gce_train_evaluate_and_are_checked(tmp_path):
                              "--workers", "0"], env=ENV)
     assert ev.exit_code == 0, ev.stderr
     ev = runner.invoke(app, ["eval", str(runs / "gn"), "--store", str(store), "--bn-adapt", "--device", "cpu",
-                             "--workers", "0"], env=ENV)
+                             "--workers", "0", "--output", str(tmp_path / "adapted")], env=ENV)
     assert ev.exit_code == 2 and "BatchNorm" in ev.stderr and "drop --bn-adapt" in ev.stderr
+    assert not (tmp_path / "adapted").exists()
     # GroupNorm has no statistics to re-estimate or sync, and no ImageNet file fits it.
     for extra, message in ((("--bn-reestimate", "2"), "act on BatchNorm"),
                            (("--weights", "imagenet"), "ImageNet weights")):

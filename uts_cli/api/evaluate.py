@@ -111,7 +111,7 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
     from uts_cli.io.export import write_points_csv
     from uts_cli.io.rundir import RunDir
     from uts_cli.metrics import best_f1_threshold
-    from uts_cli.model.predict import has_batchnorm, load_run_model, predict_patches
+    from uts_cli.model.predict import load_run_model, predict_patches
 
     reporter = reporter or NullReporter()
     t0 = time.monotonic()
@@ -132,9 +132,6 @@ def evaluate(cfg: EvalConfig, reporter: Reporter | None = None) -> EvalResult:
     store = PatchStore(store_path)
     device = resolve_device(cfg.device)
     model, info = load_run_model(run, cfg.checkpoint, device)
-    if cfg.bn_adapt and not has_batchnorm(model):
-        raise UsageError(f"--bn-adapt adapts BatchNorm statistics; run {run.path} has none (--norm group)",
-                         hint="drop --bn-adapt")
     run_stain = (rconf.get("stain") or {}).get("method")
     if run_stain is not None and run_stain != store.stain:
         reporter.warn(f"run was trained on a store with stain method {run_stain!r}, {store.path} has "

@@ -17,7 +17,7 @@ from torch import nn
 
 from uts_cli.data import batch_to_device, make_eval_loader
 from uts_cli.devices import resolve_amp
-from uts_cli.errors import InputDataError
+from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.rundir import RunDir
 from uts_cli.io.store import PatchStore
 from uts_cli.model.cam import CamNet
@@ -32,11 +32,6 @@ class PredictionBatch(NamedTuple):
     cams: np.ndarray | None    # (b, P, P) sigmoid of the upsampled CAM logits, or None
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    """True when ``model`` has BatchNorm layers (a ``--norm group`` network has none)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 @contextlib.contextmanager
 def bn_adaptation(model: nn.Module):
     """BatchNorm layers normalise with each batch's own statistics, without touching the weights.
@@ -44,12 +39,15 @@ def bn_adaptation(model: nn.Module):
     Inside the block every BatchNorm is in training mode with ``track_running_stats`` off, so
     running means/variances (and their counters) stay exactly as trained; both are restored after.
     """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise UsageError("--bn-adapt adapts BatchNorm statistics; this network has none (--norm group)",
+                         hint="drop --bn-adapt")
     saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            saved.append((m, m.training, m.track_running_stats))
-            m.train(True)
-            m.track_running_stats = False
+    for m in bns:
+        saved.append((m, m.training, m.track_running_stats))
+        m.train(True)
+        m.track_running_stats = False
     try:
         yield model
     finally:
