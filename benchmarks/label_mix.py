@@ -17,8 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 
 def label_mix(store_path: Path) -> dict:
     """Counts of mitoses and look-alikes in positive / negative training patches of one store."""
