@@ -59,7 +59,7 @@ def plot_history(history_csv: str | os.PathLike, out_png: str | os.PathLike, mon
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3 if has_loc else 2)
     ax_loss, ax_f1 = axes[0], axes[1]
-    for key, label in (("train_loss", "train loss"), ("loss_ce", "BCE"), ("loss_location", "location"),
+    for key, label in (("train_loss", "train loss"), ("loss_ce", "image loss"), ("loss_location", "location"),
                        ("val_loss", "val loss")):
         _line(ax_loss, epochs, cols.get(key), label)
     ax_loss.set_xlabel("epoch")

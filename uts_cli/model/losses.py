@@ -1,4 +1,4 @@
-"""Losses of the CAM training beyond the image-level BCE: the location constraint, and trimming suspect positives."""
+"""Losses of the CAM training: the image-level loss (BCE or GCE), the location constraint, and trimming suspect positives."""
 from __future__ import annotations
 
 import math
