@@ -4,8 +4,8 @@ On a synthetic store (clean truth known) this counts, over the training patches 
 learns from (the train split after the at-most-one-mitosis filter), the true mitoses and the
 look-alikes that sit in patches labelled positive (an annotated mitosis) and in patches
 labelled negative. It reports the share of each kind's appearances that carry a positive label,
-as the data hold them and as class-balanced batches weight them (each positive drawn
-``n_negative / n_positive`` times as often as a negative). The further apart the two kinds'
+as the data hold them and as class-balanced batches weight them (each positive repeated as
+often as ``uts teach``'s sampler repeats it). The further apart the two kinds'
 shares, the clearer the image-level labels tell the network that look-alikes are not mitoses.
 
     python benchmarks/label_mix.py STORE.h5 [STORE.h5 ...] [--json out.json]
@@ -21,23 +21,25 @@ from pathlib import Path
 def label_mix(store_path: Path) -> dict:
     """Counts of mitoses and look-alikes in positive / negative training patches of one store."""
     from uts_cli.choices import KIND_HARD_NEGATIVE, KIND_MITOSIS
-    from uts_cli.data import only_one_mitosis
+    from uts_cli.data import BalancedBatchSampler, only_one_mitosis
     from uts_cli.io.store import PatchStore
 
     store = PatchStore(store_path)
+    if not store.has_truth:
+        raise SystemExit(f"{store_path} has no clean truth (only synthetic stores do)")
+    train = only_one_mitosis(store)
+    labels = store.label[train] > 0.5   # the labels the teacher trains on
     counts = {"positives": 0, "negatives": 0, "mitoses_in_positives": 0, "mitoses_in_negatives": 0,
               "lookalikes_in_positives": 0, "lookalikes_in_negatives": 0}
-    for k in only_one_mitosis(store):
-        _, annotated = store.points_for(int(k))
-        truth = store.truth_for(int(k))
-        if truth is None:
-            raise SystemExit(f"{store_path} has no clean truth (only synthetic stores do)")
-        kinds = truth[1]
-        side = "positives" if (annotated == KIND_MITOSIS).any() else "negatives"
+    for k, positive in zip(train, labels):
+        kinds = store.truth_for(int(k))[1]
+        side = "positives" if positive else "negatives"
         counts[side] += 1
         counts[f"mitoses_in_{side}"] += int((kinds == KIND_MITOSIS).sum())
         counts[f"lookalikes_in_{side}"] += int((kinds == KIND_HARD_NEGATIVE).sum())
-    weight = counts["negatives"] / max(counts["positives"], 1)  # a positive's weight in balanced batches
+    # A positive's weight in balanced batches: the training sampler repeats the minority class.
+    repeat = BalancedBatchSampler(labels, batch_size=1).repeat
+    weight = repeat if counts["positives"] <= counts["negatives"] else 1 / repeat
     for kind in ("mitoses", "lookalikes"):
         pos, neg = counts[f"{kind}_in_positives"], counts[f"{kind}_in_negatives"]
         counts[f"{kind}_positive_share"] = pos / max(pos + neg, 1)
