@@ -282,13 +282,13 @@ def test_group_norm_fit_saves_and_reloads_a_group_norm_model(store, tmp_path):
     torch.manual_seed(0)
     net = CamNet(n_blocks=2, norm="group")
     run = RunDir(tmp_path / "gn").create()
-    fit(net, store, only_one_mitosis(store), store.indices("val"), params(norm="group", weights="none", image_loss="gce"), run,
-        device=CPU, handle_sigint=False)
+    fit(net, store, only_one_mitosis(store), store.indices("val"),
+        params(norm="group", weights="none", image_loss="gce"), run, device=CPU, handle_sigint=False)
     loaded, info = load_run_model(run, "best")
     assert info["model_config"]["norm"] == "group"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
-    torch.testing.assert_close(loaded.state_dict()["backbone.bn1.weight"],
-                               torch.load(run.checkpoint_path("best"), weights_only=True)["model"]["backbone.bn1.weight"])
+    saved = torch.load(run.checkpoint_path("best"), weights_only=True)["model"]
+    torch.testing.assert_close(loaded.state_dict()["backbone.bn1.weight"], saved["backbone.bn1.weight"])
 
 
 def test_extended_log_barrier():
