@@ -197,3 +197,14 @@ def test_weights_path_mismatch_errors(tmp_path):
         load_backbone_weights(CamNet(n_blocks=1), tmp_path / "junk.pt")
     with pytest.raises(InputDataError, match="not found"):
         load_backbone_weights(CamNet(n_blocks=1), tmp_path / "missing.pt")
+
+
+def test_weights_of_the_other_norm_layer_are_refused(tmp_path):
+    # BatchNorm and GroupNorm share parameter names; loading one into the other must not pass silently.
+    torch.save(CamNet(n_blocks=2).state_dict(), tmp_path / "bn.pt")
+    torch.save(CamNet(n_blocks=2, norm="group").state_dict(), tmp_path / "gn.pt")
+    with pytest.raises(InputDataError, match="holds a BatchNorm backbone, the model uses GroupNorm"):
+        load_backbone_weights(CamNet(n_blocks=2, norm="group"), tmp_path / "bn.pt")
+    with pytest.raises(InputDataError, match="holds a GroupNorm backbone, the model uses BatchNorm"):
+        load_backbone_weights(CamNet(n_blocks=2), tmp_path / "gn.pt")
+    assert load_backbone_weights(CamNet(n_blocks=2, norm="group"), tmp_path / "gn.pt") > 0

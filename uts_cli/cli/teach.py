@@ -63,7 +63,7 @@ def teach_cmd(
         "method (align_corners over the patch, the original; off by up to one stride).")] = CamUpsample.exact,
     norm: Annotated[Norm, typer.Option(
         "--norm", help="Normalisation layers: batch (BatchNorm, the method) or group (GroupNorm, 32 groups; "
-                       "needs --weights none).")] = Norm(_D["norm"].default),
+                       "starts from --weights none or a GroupNorm run's weights).")] = Norm(_D["norm"].default),
     epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 10,
     lr: Annotated[float, typer.Option(
         "--lr", min=0.0, help="Learning rate (the peak with --lr-schedule warmup-cosine).")] = 1e-4,

@@ -239,6 +239,23 @@ def _strip(key: str) -> str:
     return key
 
 
+def _check_same_norm(state: dict, target: dict, path: Path) -> None:
+    """Refuse BatchNorm weights for a GroupNorm backbone and the reverse.
+
+    The two share parameter names (``bn1.weight``...), so the affine parameters would load
+    silently, but BatchNorm's scale and shift are fitted to its running statistics, which a
+    GroupNorm layer has no use for: the network would start from the wrong features.
+    """
+    def has_bn(keys) -> bool:
+        return any(_strip(k).endswith("running_mean") for k in keys)
+
+    in_file, in_model = has_bn(state), has_bn(target)
+    if in_file != in_model:
+        file_norm, model_norm = ("BatchNorm", "GroupNorm") if in_file else ("GroupNorm", "BatchNorm")
+        raise InputDataError(f"{path} holds a {file_norm} backbone, the model uses {model_norm}",
+                             hint=f"train with --norm {'batch' if in_file else 'group'} to start from these weights")
+
+
 def load_backbone_weights(model: CamNet, weights: str | os.PathLike) -> int:
     """Initialise the backbone (and the head, when the file has a matching one).
 
@@ -270,6 +287,7 @@ def load_backbone_weights(model: CamNet, weights: str | os.PathLike) -> int:
     if len(missing) == len(required):
         raise InputDataError(f"no {model.arch} backbone weights found in {path}",
                              hint=f"expected keys like {next(iter(target))!r}; check --arch and the file")
+    _check_same_norm(state, target, path)
     if missing:
         raise InputDataError(
             f"{path} lacks {len(missing)} backbone tensors of {model.arch} with n_blocks={model.n_blocks}"
