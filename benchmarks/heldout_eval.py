@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from uts_cli.api.evaluate import evaluate
 from uts_cli.config import EvalConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from science import DATASET_FLAGS, _given, field_bootstrap_sd  # noqa: E402  (a sibling script)
+from science import DATASET_FLAGS, _given, field_bootstrap_sd, mean_sd  # noqa: E402  (a sibling script)
 
 # Model names science.py gives its runs (prefix before "-s<seed>"), in table order.
 MODELS = {"teacher": "teacher", "student": "student (TP)", "student-keepneg": "student, --keep-negatives",
@@ -48,13 +47,6 @@ def finished_runs(workdir: Path, seeds: list[int], tags: list[str]):
                     yield seed, tag, model, run
 
 
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.3f}{sd}"
-
-
 def report(scores: dict, seeds: list[int], tags: list[str], header: list[str]) -> str:
     lines = [*header, ""]
     for tag in tags:
@@ -69,7 +61,7 @@ def report(scores: dict, seeds: list[int], tags: list[str], header: list[str]) -
                      if (s, tag, m) in scores else "-" for m in models]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("| mean ± sd | " + " | ".join(
-            _fmt([scores[(s, tag, m)]["f1"] for s in seeds if (s, tag, m) in scores]) for m in models) + " |")
+            mean_sd([scores[(s, tag, m)]["f1"] for s in seeds if (s, tag, m) in scores]) for m in models) + " |")
         lines.append("")
         for a, b in (("student", "teacher"), ("student", "teacher2x"), ("teacher2x", "teacher"),
                      ("student-trim0", "teacher"), ("student-trim0", "student"), ("student-trim0", "teacher2x"),
@@ -78,7 +70,7 @@ def report(scores: dict, seeds: list[int], tags: list[str], header: list[str]) -
             pairs = [scores[(s, tag, a)]["f1"] - scores[(s, tag, b)]["f1"] for s in seeds
                      if (s, tag, a) in scores and (s, tag, b) in scores]
             if pairs:
-                lines.append(f"- {MODELS[a]} - {MODELS[b]}: {_fmt(pairs)} "
+                lines.append(f"- {MODELS[a]} - {MODELS[b]}: {mean_sd(pairs)} "
                              f"({', '.join(f'{p:+.3f}' for p in pairs)}; better on {sum(p > 0 for p in pairs)} "
                              f"of {len(pairs)})")
         lines.append("")

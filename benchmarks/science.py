@@ -160,10 +160,12 @@ def _given(args: argparse.Namespace, flags: dict) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f}"
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` to 3 decimals; the mean alone for one value, ``-`` for none."""
+    if not values:
+        return "-"
+    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.3f}{sd}"
 
 
 def report(rows: list[dict], audits: dict, header: list[str]) -> str:
@@ -178,8 +180,8 @@ def report(rows: list[dict], audits: dict, header: list[str]) -> str:
     lines += ["", "| model | precision | recall | F1 (mean ± sd over seeds) | seeds |", "| --- | --- | --- | --- | --- |"]
     for who in dict.fromkeys(r["model"] for r in rows):
         sel = [r for r in rows if r["model"] == who]
-        lines.append(f"| {who} | {_fmt([r['precision'] for r in sel])} | {_fmt([r['recall'] for r in sel])} | "
-                     f"{_fmt([r['f1'] for r in sel])} | {len(sel)} |")
+        lines.append(f"| {who} | {mean_sd([r['precision'] for r in sel])} | {mean_sd([r['recall'] for r in sel])} | "
+                     f"{mean_sd([r['f1'] for r in sel])} | {len(sel)} |")
     if audits:
         crits = [*FILTERS, "pseudolabel"]
         lines += ["", "Filter audit of each teacher on its training positives (clean truth): removed noisy / all "
@@ -192,7 +194,7 @@ def report(rows: list[dict], audits: dict, header: list[str]) -> str:
         for c in crits:
             nr = [a[c]["removed_noisy"] / max(1, a["noisy"]) for a in audits.values()]
             rk = [1 - a[c]["removed_real"] / max(1, a["real"]) for a in audits.values()]
-            lines.append(f"| {c} | {_fmt(nr)} | {_fmt(rk)} |")
+            lines.append(f"| {c} | {mean_sd(nr)} | {mean_sd(rk)} |")
         seps = {seed: a["separability"] for seed, a in audits.items() if "separability" in a}
         if seps:
             lines += ["", "Separability of the training positives by the teacher (benchmarks/filter_bound.py): ROC AUC "

@@ -175,6 +175,11 @@ class CamNet(nn.Module):
         return logit, cam
 
 
+def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of ``model`` (none in a ``--norm group`` network)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def upsample_cam(cam: torch.Tensor, size: int | tuple[int, int], stride: int | None = None) -> torch.Tensor:
     """Bilinear upsampling of CAM maps ``(B, 1, h, w)`` to ``size``.
 

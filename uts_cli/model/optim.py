@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from uts_cli.config import TeachConfig
+from uts_cli.model.cam import batch_norm_layers
 
 
 def make_optimizer(model: nn.Module, params: TeachConfig, fused: bool = False) -> torch.optim.Optimizer:
@@ -94,7 +95,7 @@ def reestimate_bn(model: nn.Module, images: Iterable[torch.Tensor]) -> int:
     Returns:
         The number of batches used (0 leaves the statistics as they were).
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batch_norm_layers(model)
     if not bns:
         return 0
     saved = [(m, m.momentum) for m in bns]

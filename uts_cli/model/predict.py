@@ -20,7 +20,7 @@ from uts_cli.devices import resolve_amp
 from uts_cli.errors import InputDataError, UsageError
 from uts_cli.io.rundir import RunDir
 from uts_cli.io.store import PatchStore
-from uts_cli.model.cam import CamNet
+from uts_cli.model.cam import CamNet, batch_norm_layers
 
 
 class PredictionBatch(NamedTuple):
@@ -39,7 +39,7 @@ def bn_adaptation(model: nn.Module):
     Inside the block every BatchNorm is in training mode with ``track_running_stats`` off, so
     running means/variances (and their counters) stay exactly as trained; both are restored after.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batch_norm_layers(model)
     if not bns:
         raise UsageError("--bn-adapt adapts BatchNorm statistics; this network has none (--norm group)",
                          hint="drop --bn-adapt")
