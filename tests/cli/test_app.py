@@ -58,3 +58,25 @@ def test_json_error_object_on_stdout(tmp_path, tiny_store):
     assert doc["ok"] is False and doc["error"]["type"] == "UsageError"
     assert "exists" in doc["error"]["message"] and "--overwrite" in doc["error"]["hint"]
     assert "Error:" in r.stderr and "Hint:" in r.stderr
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_1(monkeypatch, capsys):
+    import pytest
+    import typer
+
+    from uts_cli.cli._output import cli_errors
+
+    monkeypatch.delenv("UTS_DEBUG", raising=False)
+
+    @cli_errors("teach")
+    def broken(json_output: bool = True):
+        raise ValueError("boom\nsecond line")
+
+    with pytest.raises(typer.Exit) as caught:
+        broken(json_output=True)
+    assert caught.value.exit_code == 1
+    out, err = capsys.readouterr()
+    assert "internal error: ValueError: boom" in err and "--debug" in err
+    assert "Traceback" not in err and "second line" not in err  # one line, whatever the exception's text
+    payload = json.loads(out)
+    assert payload["ok"] is False and payload["error"]["exit_code"] == 1

@@ -222,10 +222,9 @@ def cli_errors(command: str) -> Callable:
                 # Anything else is a bug: keep the shell output short unless debugging.
                 if STATE.debug or os.environ.get("UTS_DEBUG") == "1":
                     raise
-                from uts_cli.errors import UtsError as _E
-
-                _report_error(command, _E(f"internal error: {type(exc).__name__}: {exc}",
-                                          hint="rerun with --debug for a traceback and report it"),
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                _report_error(command, UtsError(f"internal error: {type(exc).__name__}: {first}",
+                                                hint="rerun with --debug for a traceback and report it"),
                               as_json)
                 raise typer.Exit(1) from None
 
