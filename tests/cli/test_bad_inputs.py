@@ -317,6 +317,14 @@ def _(tmp):
     return _teach(tmp, tmp / "missing.h5")
 
 
+@case("teach: --weights file missing (no run folder is left behind)", 3)
+def _(tmp):
+    store = write_tiny_store(tmp / "s.h5", n_images=3)
+    weights = tmp / "missing.pt"
+    c = _teach(tmp, store, "--weights", str(weights))
+    return Case(c.argv, str(weights), absent=[tmp / "runs" / "r"])
+
+
 @case("teach: store of another schema", 3)
 def _(tmp):
     store = write_tiny_store(tmp / "s.h5", n_images=3)

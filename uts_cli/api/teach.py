@@ -127,6 +127,11 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
     run = RunDir(resolve_run(cfg.name, cfg.runs_dir))
     env = {**collect_env(device), **({"world_size": ctx.world_size} if ctx.enabled else {})}
     resuming = cfg.resume and run.has_checkpoint("last")
+    model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
+                   input_norm=cfg.input_norm, upsample=cfg.cam_upsample, norm=cfg.norm)
+    if not resuming:
+        # Before the run folder is made: a bad --weights file leaves nothing a retry must --overwrite.
+        load_backbone_weights(model, cfg.weights)
     if cfg.resume and not resuming:
         # Killed before its first checkpoint (or before its folder existed): nothing to resume,
         # so start from the beginning.
@@ -156,10 +161,6 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
     where = f", {ctx.world_size} processes ({ctx.backend})" if ctx.enabled else ""
     reporter.log(f"{command} {'resumed' if resuming else 'started'}: run {run.path}, store {cfg.store}, "
                  f"device {device}{where}")
-    model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
-                   input_norm=cfg.input_norm, upsample=cfg.cam_upsample, norm=cfg.norm)
-    if not resuming:
-        load_backbone_weights(model, cfg.weights)
     run_config = {
         "command": command,
         "uts_version": __version__,
