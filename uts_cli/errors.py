@@ -60,6 +60,13 @@ def is_disk_full(exc: BaseException) -> bool:
     return any(os.strerror(code) in text for code in _NO_SPACE) or "errno = 28" in text
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message ("" when it has none): library errors can span many
+    lines, and the command line reports one."""
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for an accelerator out-of-memory error (``torch.OutOfMemoryError`` or its text form)."""
     if type(exc).__name__ == "OutOfMemoryError":
@@ -81,7 +88,7 @@ def resource_error(exc: BaseException, path: str | os.PathLike | None = None) ->
         return ResourceError(f"disk full (no space or quota left){place}",
                              hint=f"free space on {target} (or write the output elsewhere) and rerun")
     if is_out_of_memory(exc):
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         return ResourceError(f"out of accelerator memory: {first[:160]}", hint=OOM_HINT)
     return None
 

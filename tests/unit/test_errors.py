@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from uts_cli.errors import ResourceError, is_disk_full, is_out_of_memory, resource_error
+from uts_cli.errors import ResourceError, first_line, is_disk_full, is_out_of_memory, resource_error
 
 
 @pytest.mark.parametrize("exc", [
@@ -59,3 +59,8 @@ def test_library_entry_points_raise_resource_errors(monkeypatch, tmp_path):
     monkeypatch.setattr(teach_api, "train_run", bug)
     with pytest.raises(ValueError):
         teach_api.teach(TeachConfig(store=tmp_path / "s.h5", name="t"))
+
+
+def test_first_line_of_an_exception():
+    assert first_line(RuntimeError("size mismatch\n  for bn1.weight: ...")) == "size mismatch"
+    assert first_line(KeyError()) == "" and first_line(ValueError("one")) == "one"

@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from uts_cli.errors import Interrupted, UtsError, resource_error
+from uts_cli.errors import Interrupted, UtsError, first_line, resource_error
 
 log = logging.getLogger("uts")
 
@@ -222,8 +222,7 @@ def cli_errors(command: str) -> Callable:
                 # Anything else is a bug: keep the shell output short unless debugging.
                 if STATE.debug or os.environ.get("UTS_DEBUG") == "1":
                     raise
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                _report_error(command, UtsError(f"internal error: {type(exc).__name__}: {first}",
+                _report_error(command, UtsError(f"internal error: {type(exc).__name__}: {first_line(exc)}",
                                                 hint="rerun with --debug for a traceback and report it"),
                               as_json)
                 raise typer.Exit(1) from None

@@ -23,7 +23,7 @@ from typing import Any
 
 from uts_cli.choices import CHECKPOINT_NAMES
 from uts_cli.config import SCHEMA_VERSION, check_schema_version
-from uts_cli.errors import InputDataError, UsageError, resource_error
+from uts_cli.errors import InputDataError, UsageError, first_line, resource_error
 from uts_cli.io.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 HISTORY_FIELDS = (
@@ -388,8 +388,7 @@ class RunDir:
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ...
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise InputDataError(f"cannot load checkpoint {path}: {type(exc).__name__}: {first}",
+            raise InputDataError(f"cannot load checkpoint {path}: {type(exc).__name__}: {first_line(exc)}",
                                  hint="the file is damaged or not a uts checkpoint; retrain the run") from None
         if not isinstance(state, dict) or state.get("format") != "uts-checkpoint":
             raise InputDataError(f"not a uts checkpoint: {path}", hint="retrain the run with `uts teach`")

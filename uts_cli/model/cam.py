@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uts_cli.choices import AGGREGATIONS, ARCHS, CAM_UPSAMPLINGS, INPUT_NORMS, MODES, NORM_LAYERS
-from uts_cli.errors import InputDataError, ResourceError, UsageError
+from uts_cli.errors import InputDataError, ResourceError, UsageError, first_line
 
 STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -225,7 +225,7 @@ def _read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError)
-        raise InputDataError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}".split("\n")[0],
+        raise InputDataError(f"cannot load weights from {path}: {type(exc).__name__}: {first_line(exc)}",
                              hint="the file must be a state dict saved with torch.save (tensors only)") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # a uts checkpoint

@@ -17,7 +17,7 @@ from torch import nn
 
 from uts_cli.data import batch_to_device, make_eval_loader
 from uts_cli.devices import resolve_amp
-from uts_cli.errors import InputDataError, UsageError
+from uts_cli.errors import InputDataError, UsageError, first_line
 from uts_cli.io.rundir import RunDir
 from uts_cli.io.store import PatchStore
 from uts_cli.model.cam import CamNet, batch_norm_layers
@@ -167,8 +167,7 @@ def load_run_model(run: RunDir | str | os.PathLike, which: str = "best",
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
-        first = str(exc).splitlines()[0]
-        raise InputDataError(f"checkpoint {rd.checkpoint_path(which)} does not fit its model: {first}",
+        raise InputDataError(f"checkpoint {rd.checkpoint_path(which)} does not fit its model: {first_line(exc)}",
                              hint="the file is damaged; retrain the run") from None
     model.to(device).eval()
     info = {"epoch": int(state.get("epoch", 0)), "threshold": float(state.get("threshold", 0.5)),
