@@ -2,8 +2,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+import typer
 from typer.testing import CliRunner
 
+from uts_cli.cli._output import cli_errors
 from uts_cli.cli.app import app
 
 ENV = {"NO_COLOR": "1", "TERMINAL_WIDTH": "120"}
@@ -61,11 +64,6 @@ def test_json_error_object_on_stdout(tmp_path, tiny_store):
 
 
 def test_an_unexpected_exception_is_one_line_and_exit_1(monkeypatch, capsys):
-    import pytest
-    import typer
-
-    from uts_cli.cli._output import cli_errors
-
     monkeypatch.delenv("UTS_DEBUG", raising=False)
 
     @cli_errors("teach")

@@ -251,8 +251,8 @@ def _check_same_norm(state: dict, target: dict, path: Path) -> None:
     silently, but BatchNorm's scale and shift are fitted to its running statistics, which a
     GroupNorm layer has no use for: the network would start from the wrong features.
     """
-    def has_bn(keys) -> bool:
-        return any(_strip(k).endswith("running_mean") for k in keys)
+    def has_bn(keys) -> bool:  # both dicts' keys are already stripped of "module."/"backbone."
+        return any(k.endswith("running_mean") for k in keys)
 
     in_file, in_model = has_bn(state), has_bn(target)
     if in_file != in_model:
