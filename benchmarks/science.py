@@ -242,6 +242,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--oracle", action="store_true",
                         help="also train a teacher on the clean truth (labels and points), with the teacher's "
                              "settings: the ceiling that removing all label noise would reach")
+    parser.add_argument("--oracle-only", action="store_true",
+                        help="train and score only the clean-label teacher of --oracle")
     for flag, (_, kind) in TEACH_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None)
     for flag, (_, kind) in DATASET_FLAGS.items():
@@ -274,7 +276,7 @@ def main(argv: list[str]) -> int:
         done = runs / tname / "metrics.json"
         reuse = args.reuse and done.is_file() and json.loads(done.read_text()).get("status") == "complete"
         models, extra, d = {}, {}, None
-        if not args.control_only:
+        if not (args.control_only or args.oracle_only):
             tres = teach(teacher_config(cfg, store, tname, runs, resume=reuse, overwrite=not reuse))
             models["teacher"] = _region(evaluate(EvalConfig(run=runs / tname, split="test", device=args.device)))
             audits[seed] = audit_filters(runs / tname, store, args.device)
@@ -286,7 +288,7 @@ def main(argv: list[str]) -> int:
                                           keep_negatives=args.keep_negatives, device=args.device,
                                           overrides=student_overrides, workers=cfg.workers, overwrite=True))
                 models["student"] = _region(evaluate(EvalConfig(run=runs / sname, split="test", device=args.device)))
-        if args.oracle:
+        if args.oracle or args.oracle_only:
             oname = f"teacher-oracle-s{seed}"
             train_run(teacher_config(cfg, store, oname, runs, use_truth=True), labels=clean_labels(store),
                       extra_config={"labels": "clean truth (benchmarks/science.py --oracle)"})
