@@ -52,7 +52,7 @@ TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
     "--location": ("location", str), "--alpha-location": ("alpha_location", float),
     "--margin": ("margin", float), "--temperature": ("temperature", float),
     "--norm": ("norm", str), "--image-loss": ("image_loss", str), "--gce-q": ("gce_q", float),
-    "--balance": ("balance", _on_off),
+    "--balance": ("balance", _on_off), "--strong-augmentation": ("strong_augmentation", _on_off),
 }
 DATASET_FLAGS = {  # flag -> (SyntheticSpec field, type): the look of the rendered data
     "--stain-spread": ("stain_spread", float), "--nucleus-density": ("nucleus_density", float),
