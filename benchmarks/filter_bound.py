@@ -15,9 +15,10 @@ positives kept while removing 90 % of the noisy ones (the targets of the filter)
 
 The teacher and the store need not come from the same seed: ``--store`` of another seed's
 dataset scores patches the teacher never trained on (an out-of-sample teacher, the best case of
-cross-fitting).
+cross-fitting). Several ``--teacher`` runs are scored one by one and, as an ensemble, by the mean
+of their scores (what a filter that asks K teachers would see).
 
-    python benchmarks/filter_bound.py --teacher RUN [--store STORE.h5] [--json out.json]
+    python benchmarks/filter_bound.py --teacher RUN [RUN ...] [--store STORE.h5] [--json out.json]
 """
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def best_threshold_trade(real: np.ndarray, noisy: np.ndarray) -> dict:
             "real_kept_at_90_noisy_removed": float((real > t90).mean()) if len(real) else float("nan")}
 
 
-def separability(run: Path, store_path: Path | None = None, device: str = "cpu", radius: float = 30.0) -> dict:
-    """Score the training positives of ``store_path`` (default: the run's store) with the run's best model."""
+def positive_scores(run: Path, store_path: Path | None = None, device: str = "cpu",
+                    radius: float = 30.0) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+    """``(store, {"near": ..., "image": ...}, real)`` for the training positives of ``store_path``
+    (default: the run's store), scored by the run's best model; ``real`` marks a true mitosis."""
     from uts_cli.data import only_one_mitosis
     from uts_cli.devices import resolve_device
     from uts_cli.io.rundir import RunDir
@@ -77,21 +80,50 @@ def separability(run: Path, store_path: Path | None = None, device: str = "cpu",
             image.append(float(p))
             _, true_kind = store.truth_for(int(k))
             real.append(bool((true_kind == 0).any()))
-    near, image, real = np.asarray(near), np.asarray(image), np.asarray(real, bool)
-    out = {"teacher": str(run), "store": str(store.path), "real": int(real.sum()), "noisy": int((~real).sum())}
-    for name, score in (("near", near), ("image", image)):
+    return store.path, {"near": np.asarray(near), "image": np.asarray(image)}, np.asarray(real, bool)
+
+
+def separation(scores: dict[str, np.ndarray], real: np.ndarray) -> dict:
+    """AUC and the two target trade-offs of each score."""
+    out = {"real": int(real.sum()), "noisy": int((~real).sum())}
+    for name, score in scores.items():
         out[name] = {"auc": auc(score[real], score[~real]), **best_threshold_trade(score[real], score[~real])}
     return out
 
 
+def separability(run: Path, store_path: Path | None = None, device: str = "cpu", radius: float = 30.0) -> dict:
+    """Score the training positives of ``store_path`` (default: the run's store) with the run's best model."""
+    store, scores, real = positive_scores(run, store_path, device, radius)
+    return {"teacher": str(run), "store": str(store), **separation(scores, real)}
+
+
+def ensemble_separability(runs: list[Path], store_path: Path | None = None, device: str = "cpu",
+                          radius: float = 30.0) -> dict:
+    """Each run's separability and that of the mean of their scores (all on one store)."""
+    each, scored, real = [], [], None
+    for run in runs:
+        store, scores, r = positive_scores(run, store_path, device, radius)
+        if real is not None and not np.array_equal(r, real):
+            raise SystemExit(f"{run}: scored other positives than {runs[0]} (give --store)")
+        store_path, real = store, r
+        scored.append(scores)
+        each.append({"teacher": str(run), **separation(scores, real)})
+    mean = {k: np.mean([s[k] for s in scored], axis=0) for k in scored[0]}
+    return {"store": str(store_path), "teachers": each, "ensemble": separation(mean, real)}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", type=Path, required=True, help="a finished teach run")
+    parser.add_argument("--teacher", type=Path, nargs="+", required=True,
+                        help="a finished teach run; several: each and their mean-score ensemble")
     parser.add_argument("--store", type=Path, default=None, help="a synthetic store (default: the run's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
-    res = separability(args.teacher, args.store, args.device)
+    if len(args.teacher) == 1:
+        res = separability(args.teacher[0], args.store, args.device)
+    else:
+        res = ensemble_separability(args.teacher, args.store, args.device)
     print(json.dumps(res, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
