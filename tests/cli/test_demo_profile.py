@@ -35,6 +35,8 @@ def captured(monkeypatch, tmp_path):
     (["--profile", "full"], demo_api.PROFILES["full"]),
     (["--profile", "full", "--epochs", "3"], {**demo_api.PROFILES["full"], "epochs": 3}),
     (["--heldout-cases", "0"], {**demo_api.PROFILES["default"], "heldout_cases": 0}),
+    (["--profile", "full", "--n-cases", "48", "--steps-per-epoch", "50"],
+     {**demo_api.PROFILES["full"], "n_cases": 48, "steps_per_epoch": 50}),
 ])
 def test_profile_sets_the_training_length(captured, tmp_path, args, expected):
     r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "w"), "--json", *args], env=ENV)
@@ -60,6 +62,11 @@ def test_unknown_profile():
         demo_api.profile_config("huge")
     r = runner.invoke(app, ["demo", "--profile", "huge"], env=ENV)
     assert r.exit_code == 2
+
+
+def test_too_few_cases_is_a_usage_error(captured, tmp_path):
+    r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "w"), "--n-cases", "5"], env=ENV)
+    assert r.exit_code == 2 and "cfg" not in captured
 
 
 def test_demo_dataset_size_reaches_the_renderer():

@@ -27,8 +27,11 @@ def demo_cmd(
                                           file_okay=False)] = Path("uts-demo"),
     seed: SeedOpt = 0,
     profile: Annotated[Profile, typer.Option(
-        "--profile", help="default: minutes on a laptop CPU; full: twice the cases (48) and twice the "
-                          "steps, for figures (see the README for times).")] = Profile.default,
+        "--profile", help="default: minutes on a laptop CPU; full: four times the cases (96) and the "
+                          "steps (8 x 100), for figures (see the README for times).")] = Profile.default,
+    n_cases: Annotated[Optional[int], typer.Option(
+        "--n-cases", min=6, help="Cases of the rendered dataset, 4 fields each, a sixth each for val and "
+                                 "test (default: the profile's, 24 or 96).")] = None,
     patch_size: Annotated[Optional[int], typer.Option(
         "--patch-size", min=32, help="Patch side in pixels (default: the profile's, 128).")] = None,
     epochs: Annotated[Optional[int], typer.Option(
@@ -49,9 +52,9 @@ def demo_cmd(
     """Run the whole method on the built-in synthetic dataset and compare teacher and student."""
     from uts_cli.api.demo import demo, profile_config
 
-    cfg = profile_config(profile.value, workdir=workdir, seed=seed, patch_size=patch_size, epochs=epochs,
-                         steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, device=device,
-                         workers=workers, heldout_cases=heldout_cases)
+    cfg = profile_config(profile.value, workdir=workdir, seed=seed, n_cases=n_cases, patch_size=patch_size,
+                         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
+                         device=device, workers=workers, heldout_cases=heldout_cases)
     result = demo(cfg, CliReporter())
     if json_output:
         from dataclasses import asdict
