@@ -60,7 +60,7 @@ PROFILES = {
     "default": {"patch_size": 128, "epochs": 4, "steps_per_epoch": 50, "batch_size": 32},
     # Four times the cases and four times the steps (8 x 100): the first setting at which the
     # noisy-label teacher localizes on every seed and the student clears it by 0.03
-    # (docs/science.md, sections 9 and 11).
+    # (docs/science.md, section 7, "The full profile since 2026-12-03").
     "full": {"patch_size": 128, "epochs": 8, "steps_per_epoch": 100, "batch_size": 32, "n_cases": 96,
              "heldout_cases": 40},
 }
