@@ -107,6 +107,8 @@ class TeachConfig:
         arch, n_blocks, aggregation, mode, input_norm: the CAM network (see ``uts_cli.choices``).
         norm: the backbone's normalisation layers, ``batch`` (BatchNorm, the method) or ``group``
             (GroupNorm with 32 groups: no batch statistics, so the same in training and inference).
+        width: channels of the backbone's stem and first stage (64: torchvision's ResNet); each
+            later stage doubles them. Only 64 can start from the ImageNet weights.
         cam_upsample: CAM cells to pixels, ``exact`` (cell n on pixel stride * n, the centre of
             its receptive field) or ``method`` (align_corners=True over the patch, the original).
         weights: backbone init, ``imagenet``, ``none`` or a file.
@@ -171,6 +173,7 @@ class TeachConfig:
     input_norm: str = "unit"            # unit (pixels/255, the original) | imagenet
     cam_upsample: str = "exact"         # exact | method (the original's align_corners=True)
     norm: str = "batch"                 # batch (the original) | group
+    width: int = 64                     # 64: torchvision's ResNet; 32: about a quarter of the compute
     epochs: int = 10
     lr: float = 1e-4
     batch_size: int = 32
@@ -225,6 +228,12 @@ class TeachConfig:
             one_of(self.location, choices.LOCATIONS, "--location"),
             one_of(self.norm, choices.NORM_LAYERS, "--norm"),
             one_of(self.image_loss, choices.IMAGE_LOSSES, "--image-loss"),
+            (not isinstance(self.width, bool) and self.width >= 8 and self.width % 8 == 0,
+             f"network width must be a multiple of 8, at least 8 (got {self.width})", "use e.g. --width 32 or 64"),
+            (self.width == 64 or self.weights != "imagenet", f"--width {self.width} cannot start from the ImageNet "
+             "weights (they fit width 64)", "add --weights none, or use --width 64"),
+            (self.norm == "batch" or self.width % 32 == 0, "--norm group needs a width divisible by 32",
+             "use --width 32 or 64"),
             (0 < self.gce_q <= 1, "gce_q must be in (0, 1]", "use e.g. --gce-q 0.7"),
             # The ImageNet file holds BatchNorm statistics a GroupNorm network has no place for.
             (self.norm == "batch" or self.weights != "imagenet", "--norm group cannot start from the "

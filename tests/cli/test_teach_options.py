@@ -141,3 +141,20 @@ def test_group_norm_and_gce_train_evaluate_and_are_checked(tmp_path):
         r = _teach(store, runs, "bad", "--norm", "group", *extra)
         assert r.exit_code == 2 and message in r.stderr, r.stderr
         assert not (runs / "bad").exists()
+
+
+def test_narrow_network_trains_evaluates_and_is_checked(tmp_path):
+    store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
+    runs = tmp_path / "runs"
+    r = _teach(store, runs, "w32", "--width", "32")
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((runs / "w32" / "config.json").read_text())
+    assert cfg["config"]["width"] == 32 and cfg["model"]["width"] == 32
+    ev = runner.invoke(app, ["eval", str(runs / "w32"), "--store", str(store), "--json", "--device", "cpu",
+                             "--workers", "0"], env=ENV)
+    assert ev.exit_code == 0, ev.stderr
+    # The ImageNet file fits width 64 only; refused before a run folder exists.
+    r = _teach(store, runs, "bad", "--width", "32", "--weights", "imagenet")
+    assert r.exit_code == 2 and "ImageNet" in r.stderr and "--width 64" in r.stderr, r.stderr
+    assert not (runs / "bad").exists()
+

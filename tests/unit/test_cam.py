@@ -119,6 +119,50 @@ def test_group_norm_network_and_old_configs_keep_batch_norm():
         CamNet(norm="layer")
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_narrow_network_has_the_layout_of_torchvisions(arch):
+    wide, narrow = CamNet(arch=arch, n_blocks=3), CamNet(arch=arch, n_blocks=3, width=32)
+    # Same module names and tensor ranks, every channel count halved: a quarter of the weights.
+    wide_state, narrow_state = wide.backbone.state_dict(), narrow.backbone.state_dict()
+    assert list(wide_state) == list(narrow_state)
+    assert narrow.out_channels * 2 == wide.out_channels == cam_mod.STAGE_CHANNELS[arch][2]
+    for key, t in narrow_state.items():
+        if t.ndim == 4:  # conv weights: input channels halve too, except the stem's RGB
+            assert t.shape[0] * 2 == wide_state[key].shape[0] and t.shape[2:] == wide_state[key].shape[2:]
+    logit, cam = narrow(torch.rand(2, 3, 64, 64))
+    assert logit.shape == (2,) and cam.shape == (2, 1, 4, 4)
+    # Written only when not 64, so configs saved before the option compare equal.
+    assert "width" not in wide.config() and narrow.config()["width"] == 32
+    again = CamNet.from_config(narrow.config())
+    again.load_state_dict(narrow.state_dict())
+    assert again.width == 32 and CamNet.from_config(wide.config()).width == 64
+
+
+def test_width_64_is_torchvisions_network_draw_for_draw():
+    # Runs saved before the option must train the same from the same seed.
+    from torchvision import models
+
+    torch.manual_seed(3)
+    ours = CamNet(n_blocks=2).backbone.state_dict()
+    torch.manual_seed(3)
+    theirs = models.resnet18(weights=None).state_dict()
+    for key, t in ours.items():
+        torch.testing.assert_close(t, theirs[key])
+
+
+@pytest.mark.parametrize("width, norm", [(12, "batch"), (0, "batch"), (48, "group")])
+def test_unbuildable_widths_are_refused(width, norm):
+    with pytest.raises(UsageError) as err:
+        CamNet(n_blocks=1, width=width, norm=norm)
+    assert "--width" in err.value.hint
+
+
+def test_weights_of_another_width_are_refused(tmp_path):
+    torch.save(CamNet(n_blocks=2).state_dict(), tmp_path / "w64.pt")
+    with pytest.raises(InputDataError, match="shape"):
+        load_backbone_weights(CamNet(n_blocks=2, width=32), tmp_path / "w64.pt")
+
+
 def test_prepare_input_scaling():
     img = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
     unit = CamNet(n_blocks=1, input_norm="unit")

@@ -79,6 +79,9 @@ def test_newer_schema_is_refused_with_a_hint():
     ({"image_loss": "mae"}, "unknown --image-loss"),
     ({"gce_q": 0.0}, "gce_q"),
     ({"norm": "group"}, "ImageNet weights"),
+    ({"width": 32}, "ImageNet"),
+    ({"width": 20, "weights": "none"}, "multiple of 8"),
+    ({"width": 48, "weights": "none", "norm": "group"}, "divisible by 32"),
     ({"norm": "group", "weights": "none", "bn_reestimate": 4}, "act on BatchNorm"),
 ])
 def test_validate_names_the_option(change, message):

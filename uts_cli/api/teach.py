@@ -128,7 +128,8 @@ def _train_run(cfg: TeachConfig, reporter: Reporter | None, ctx, device, *, trai
     env = {**collect_env(device), **({"world_size": ctx.world_size} if ctx.enabled else {})}
     resuming = cfg.resume and run.has_checkpoint("last")
     model = CamNet(arch=cfg.arch, n_blocks=cfg.n_blocks, aggregation=cfg.aggregation, mode=cfg.mode,
-                   input_norm=cfg.input_norm, upsample=cfg.cam_upsample, norm=cfg.norm)
+                   input_norm=cfg.input_norm, upsample=cfg.cam_upsample, norm=cfg.norm,
+                   width=cfg.width)
     if not resuming:
         # Before the run folder is made: a bad --weights file leaves nothing a retry must --overwrite.
         load_backbone_weights(model, cfg.weights)

@@ -64,6 +64,10 @@ def teach_cmd(
     norm: Annotated[Norm, typer.Option(
         "--norm", help="Normalisation layers: batch (BatchNorm, the method) or group (GroupNorm, 32 groups; "
                        "starts from --weights none or a GroupNorm run's weights).")] = Norm(_D["norm"].default),
+    width: Annotated[int, typer.Option(
+        "--width", min=8, help="Channels of the backbone's first stage, doubled by each later one (64: torchvision's "
+                               "ResNet, the only width the ImageNet weights fit; 32: about a quarter of the compute).")
+    ] = _D["width"].default,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 10,
     lr: Annotated[float, typer.Option(
         "--lr", min=0.0, help="Learning rate (the peak with --lr-schedule warmup-cosine).")] = 1e-4,
@@ -143,7 +147,7 @@ def teach_cmd(
 
     cfg = TeachConfig(store=store, name=name, runs_dir=runs_dir, arch=arch.value, n_blocks=n_blocks,
                       aggregation=aggregation.value, mode=mode.value, weights=weights, input_norm=input_norm.value,
-                      cam_upsample=cam_upsample.value, norm=norm.value, image_loss=image_loss.value, gce_q=gce_q,
+                      cam_upsample=cam_upsample.value, norm=norm.value, width=width, image_loss=image_loss.value, gce_q=gce_q,
                       epochs=epochs, lr=lr, batch_size=batch_size, location=location.value,
                       alpha_location=alpha_location, temperature=temperature, margin=margin, tlb=tlb,
                       augment=augment, strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,

@@ -20,6 +20,10 @@ from uts_cli.choices import AGGREGATIONS, ARCHS, CAM_UPSAMPLINGS, INPUT_NORMS, M
 from uts_cli.errors import InputDataError, ResourceError, UsageError, first_line
 
 STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
+# Channels of the stem and of the first stage's blocks in torchvision's ResNets; each later stage doubles them.
+RESNET_WIDTH = 64
+# Residual blocks per stage.
+STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # r of the "lse" aggregation, (1/r) log mean exp(r * cam): at r = 2 a cell 1 logit below the top
@@ -58,6 +62,10 @@ class CamNet(nn.Module):
         upsample: how :meth:`upsample` maps CAM cells to input pixels: ``"exact"`` (cell ``n`` on
             pixel ``stride * n``, the centre of its receptive field) or ``"method"`` (bilinear with
             ``align_corners=True`` over the patch, as the original; off by up to one stride).
+        norm: ``"batch"`` (BatchNorm, the method) or ``"group"`` (GroupNorm, ``GROUPS`` groups).
+        width: channels of the stem and the first stage (torchvision's: 64); every later stage
+            doubles them. Narrower networks train faster from random weights; only width 64 can
+            load the ImageNet weights.
 
     ``forward(x)`` takes the normalised float batch ``(B, 3, H, W)`` from :meth:`prepare_input`
     and returns ``(image_logit (B,), cam_logits (B, 1, h, w))`` at feature resolution.
@@ -65,10 +73,8 @@ class CamNet(nn.Module):
 
     def __init__(self, arch: str = "resnet18", n_blocks: int = 3, aggregation: str = "max",
                  mode: str = "instance", input_norm: str = "unit", upsample: str = "exact",
-                 norm: str = "batch"):
+                 norm: str = "batch", width: int = RESNET_WIDTH):
         super().__init__()
-        from torchvision import models
-
         self.arch = _choice("architecture", arch, ARCHS)
         self.aggregation = _choice("aggregation", aggregation, AGGREGATIONS)
         self.mode = _choice("mode", mode, MODES)
@@ -78,13 +84,9 @@ class CamNet(nn.Module):
         if not 1 <= int(n_blocks) <= 4:
             raise UsageError(f"n_blocks must be 1..4 (got {n_blocks})", hint="the method uses 3")
         self.n_blocks = int(n_blocks)
-        norm_layer = None if self.norm == "batch" else (lambda c: nn.GroupNorm(GROUPS, c))
-        resnet = getattr(models, arch)(weights=None, norm_layer=norm_layer)
-        parts = [("conv1", resnet.conv1), ("bn1", resnet.bn1), ("relu", resnet.relu),
-                 ("maxpool", resnet.maxpool)]
-        parts += [(f"layer{i}", getattr(resnet, f"layer{i}")) for i in range(1, self.n_blocks + 1)]
-        self.backbone = nn.Sequential(OrderedDict(parts))
-        self.out_channels = STAGE_CHANNELS[arch][self.n_blocks - 1]
+        self.width = check_width(width, self.norm)
+        self.backbone = resnet_prefix(arch, self.n_blocks, self.norm, self.width)
+        self.out_channels = STAGE_CHANNELS[arch][self.n_blocks - 1] * self.width // RESNET_WIDTH
         self.classifier = nn.Conv2d(self.out_channels, 1, kernel_size=1, bias=False)
         if self.input_norm == "unit":
             scale, shift = [1 / 255.0] * 3, [0.0] * 3
@@ -104,8 +106,11 @@ class CamNet(nn.Module):
         """JSON-safe constructor arguments (stored in checkpoints and ``config.json``)."""
         config = {"arch": self.arch, "n_blocks": self.n_blocks, "aggregation": self.aggregation,
                   "mode": self.mode, "input_norm": self.input_norm, "upsample": self.upsample_mode}
-        if self.norm != "batch":  # absent = BatchNorm, so runs saved before the option compare equal
+        # Absent = the default, so runs saved before these options existed compare equal.
+        if self.norm != "batch":
             config["norm"] = self.norm
+        if self.width != RESNET_WIDTH:
+            config["width"] = self.width
         return config
 
     @classmethod
@@ -114,7 +119,7 @@ class CamNet(nn.Module):
         keys = ("arch", "n_blocks", "aggregation", "mode", "input_norm")
         # Runs saved before the option existed were trained and scored with the original mapping.
         return cls(**{k: config[k] for k in keys if k in config}, upsample=config.get("upsample", "method"),
-                   norm=config.get("norm", "batch"))
+                   norm=config.get("norm", "batch"), width=config.get("width", RESNET_WIDTH))
 
     def prepare_input(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """Turn pixels into the network input.
@@ -173,6 +178,58 @@ class CamNet(nn.Module):
             pooled = self._pool(features)
             logit = F.linear(pooled, self.classifier.weight.flatten(1))[:, 0]
         return logit, cam
+
+
+def check_width(width, norm: str) -> int:
+    """``width`` as an int, or UsageError when no network can be built with it."""
+    if isinstance(width, bool) or int(width) != width or width < 8 or width % 8:
+        raise UsageError(f"network width must be a multiple of 8, at least 8 (got {width})",
+                         hint=f"use e.g. --width 32, or {RESNET_WIDTH} (torchvision's ResNet)")
+    if norm == "group" and width % GROUPS:
+        raise UsageError(f"--norm group needs a width divisible by {GROUPS} (got {width})",
+                         hint=f"use --width 32 or {RESNET_WIDTH}")
+    return int(width)
+
+
+def resnet_prefix(arch: str, n_blocks: int, norm: str, width: int = RESNET_WIDTH) -> nn.Sequential:
+    """The ResNet stem and its first ``n_blocks`` stages, under torchvision's module names.
+
+    Width 64 is torchvision's own network (its initialisation, ImageNet state dicts load); other
+    widths are built from torchvision's residual blocks with the same layout and initialisation.
+    """
+    from torchvision import models
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    norm_layer = nn.BatchNorm2d if norm == "batch" else (lambda c: nn.GroupNorm(GROUPS, c))
+    if width == RESNET_WIDTH:
+        resnet = getattr(models, arch)(weights=None, norm_layer=norm_layer)
+        parts = [("conv1", resnet.conv1), ("bn1", resnet.bn1), ("relu", resnet.relu), ("maxpool", resnet.maxpool)]
+        parts += [(f"layer{i}", getattr(resnet, f"layer{i}")) for i in range(1, n_blocks + 1)]
+        return nn.Sequential(OrderedDict(parts))
+    block = BasicBlock if arch == "resnet18" else Bottleneck
+    parts = [("conv1", nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)),
+             ("bn1", norm_layer(width)), ("relu", nn.ReLU(inplace=True)),
+             ("maxpool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))]
+    channels = width
+    for i in range(n_blocks):
+        planes, stride = width * 2 ** i, 1 if i == 0 else 2
+        out = planes * block.expansion
+        down = None
+        if stride != 1 or channels != out:
+            down = nn.Sequential(nn.Conv2d(channels, out, kernel_size=1, stride=stride, bias=False), norm_layer(out))
+        blocks = [block(channels, planes, stride, down, norm_layer=norm_layer)]
+        blocks += [block(out, planes, norm_layer=norm_layer) for _ in range(STAGE_BLOCKS[arch][i] - 1)]
+        parts.append((f"layer{i + 1}", nn.Sequential(*blocks)))
+        channels = out
+    stages = nn.Sequential(OrderedDict(parts))
+    # torchvision's ResNet initialisation, so a width is the only thing that differs.
+    for m in stages.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    return stages
 
 
 def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
@@ -303,7 +360,7 @@ def load_backbone_weights(model: CamNet, weights: str | os.PathLike) -> int:
         k = bad[0]
         raise InputDataError(
             f"{path}: tensor {k!r} has shape {tuple(state[k].shape)}, the model expects "
-            f"{tuple(target[k].shape)}", hint="use weights of the same architecture (--arch)")
+            f"{tuple(target[k].shape)}", hint="use weights of the same architecture and width (--arch, --width)")
     model.backbone.load_state_dict({k: state[k] for k in present}, strict=False)
     loaded = len(present)
     head = state.get("classifier.weight")
