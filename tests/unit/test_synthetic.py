@@ -155,6 +155,23 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tiny_root, tmp_path)
     assert (a / "images/case01/f01.tif").read_bytes() == (tiny_root / "images/case01/f01.tif").read_bytes()
 
 
+def test_rendering_in_worker_processes_writes_the_same_dataset(tiny_root, tmp_path):
+    # Each field draws from its own seeded generator, so any number of workers gives the same bytes.
+    parallel = generate(tmp_path / "p", TINY, workers=2)
+    files = sorted(p.relative_to(tiny_root) for p in tiny_root.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file()) == files
+    for rel in files:
+        assert (parallel / rel).read_bytes() == (tiny_root / rel).read_bytes(), rel
+
+
+def test_render_workers_default_to_the_cpus_for_large_datasets(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert synthetic._render_workers(TINY, None) == 1          # 9 fields: not worth a worker's start-up
+    big = replace(TINY, n_cases=12, fields_per_case=4)
+    assert synthetic._render_workers(big, None) == 3
+    assert synthetic._render_workers(big, 1) == 1 and synthetic._render_workers(TINY, 2) == 2
+
+
 def test_generation_is_atomic(tmp_path, monkeypatch):
     calls = []
     real = _render.render_field

@@ -46,6 +46,10 @@ FORMAT = "uts-synthetic"
 DEFAULT_ROOT = Path("local_data/datasets/synthetic")
 PIXEL_SIZE_UM = _render.PIXEL_SIZE_UM
 MANIFEST = "dataset.json"
+# Rendering runs in worker processes from this many fields on (fewer: the start-up of the
+# workers, about a second, costs more than it saves) and in at most this many.
+PARALLEL_MIN_FIELDS = 32
+MAX_RENDER_WORKERS = 8
 _CSV_HEADER = ("image", "x", "y", "label")
 
 
@@ -184,7 +188,7 @@ def _same_spec(manifest: dict, spec: SyntheticSpec) -> bool:
 
 
 def generate(root: str | os.PathLike, spec: SyntheticSpec | None = None,
-             reporter: Reporter | None = None) -> Path:
+             reporter: Reporter | None = None, workers: int | None = None) -> Path:
     """Render the synthetic dataset into ``root``, atomically.
 
     Everything is written into a temporary folder beside ``root`` and renamed onto it when
@@ -194,6 +198,11 @@ def generate(root: str | os.PathLike, spec: SyntheticSpec | None = None,
         root: the dataset folder to create (its parent is created when missing).
         spec: what to generate (default ``SyntheticSpec()``).
         reporter: progress sink (one step per field).
+        workers: processes that render fields (None: one per usable CPU, up to
+            ``MAX_RENDER_WORKERS``, when there are at least ``PARALLEL_MIN_FIELDS`` fields). Each
+            field draws from its own seeded generator, so the dataset is the same for any number.
+            The workers are spawned, so a script that calls this with more than one worker needs
+            the usual ``if __name__ == "__main__":`` guard (the ``uts`` command has it).
 
     Returns:
         ``root`` as a Path. When ``root`` already holds a complete dataset of the same spec and
@@ -213,7 +222,7 @@ def generate(root: str | os.PathLike, spec: SyntheticSpec | None = None,
     tmp.mkdir()
     try:
         t0 = time.monotonic()
-        manifest = _write_dataset(tmp, spec, reporter)
+        manifest = _write_dataset(tmp, spec, reporter, _render_workers(spec, workers))
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
         try:
@@ -250,26 +259,65 @@ def _summary(manifest: dict) -> str:
             + ", ".join(f"{s} {c['splits'][s]['mitoses']} mitoses" for s in SPLITS))
 
 
-def _write_dataset(out: Path, spec: SyntheticSpec, reporter: Reporter) -> dict:
+def _render_workers(spec: SyntheticSpec, workers: int | None) -> int:
+    if workers is not None:
+        return max(1, int(workers))
+    n_fields = spec.n_cases * spec.fields_per_case
+    if n_fields < PARALLEL_MIN_FIELDS:
+        return 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, MAX_RENDER_WORKERS))
+
+
+def _render_one(out: Path, spec: SyntheticSpec, ci: int, fi: int, case: str, name: str) -> list[dict]:
+    """Render field ``fi`` of case ``ci`` into ``out/images`` and return its objects."""
+    stain = _render.case_stain(np.random.default_rng([spec.seed, ci, 0]), spec.stain_spread)
+    rng = np.random.default_rng([spec.seed, ci, fi + 1])
+    n_mit = int(rng.poisson(spec.mitoses_per_field))
+    n_look = int(rng.poisson(spec.lookalikes_per_field))
+    rgb, objs = _render.render_field(rng, spec.field_size, _render.field_stain(stain, rng), n_mit, n_look,
+                                     _has_edge(ci, fi), nucleus_density=spec.nucleus_density)
+    image = f"{case}/{name}.tif"
+    _write_tiff(out / "images" / image, rgb)
+    return [dict(image=image, case=case, x=o.x, y=o.y, mitosis=o.is_mitosis, subtype=o.subtype) for o in objs]
+
+
+def _quiet_worker() -> None:
+    # Ctrl-C reaches the whole process group; the parent stops the pool and removes the partial
+    # dataset, so the workers need not each print a KeyboardInterrupt traceback.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _write_dataset(out: Path, spec: SyntheticSpec, reporter: Reporter, workers: int = 1) -> dict:
     cases, names, splits = case_ids(spec), field_names(spec), assign_splits(spec)
+    stains = {case: _render.case_stain(np.random.default_rng([spec.seed, ci, 0]), spec.stain_spread).to_dict()
+              for ci, case in enumerate(cases)}
+    jobs = [(ci, fi, case, name) for ci, case in enumerate(cases) for fi, name in enumerate(names)]
     objects: list[dict] = []
-    stains: dict[str, dict] = {}
-    reporter.start("Rendering synthetic fields", spec.n_cases * spec.fields_per_case)
-    for ci, case in enumerate(cases):
-        stain = _render.case_stain(np.random.default_rng([spec.seed, ci, 0]), spec.stain_spread)
-        stains[case] = stain.to_dict()
-        for fi, name in enumerate(names):
-            rng = np.random.default_rng([spec.seed, ci, fi + 1])
-            n_mit = int(rng.poisson(spec.mitoses_per_field))
-            n_look = int(rng.poisson(spec.lookalikes_per_field))
-            rgb, objs = _render.render_field(rng, spec.field_size, _render.field_stain(stain, rng),
-                                             n_mit, n_look, _has_edge(ci, fi),
-                                             nucleus_density=spec.nucleus_density)
-            image = f"{case}/{name}.tif"
-            _write_tiff(out / "images" / image, rgb)
-            objects += [dict(image=image, case=case, split=splits[case], x=o.x, y=o.y,
-                             mitosis=o.is_mitosis, subtype=o.subtype) for o in objs]
+    reporter.start("Rendering synthetic fields", len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            objects += _render_one(out, spec, *job)
             reporter.advance(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the caller may hold torch's thread pools, which do not survive a fork.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_quiet_worker) as pool:
+            try:
+                futures = [pool.submit(_render_one, out, spec, *job) for job in jobs]
+                for future in futures:  # in job order, so the object lists are the same as serially
+                    objects += future.result()
+                    reporter.advance(1)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    for o in objects:
+        o["split"] = splits[o["case"]]
     reporter.finish()
     _annotate(objects, spec)
     _write_csv(out / "annotations.csv", _CSV_HEADER,
