@@ -35,6 +35,7 @@ def captured(monkeypatch, tmp_path):
     (["--profile", "full"], demo_api.PROFILES["full"]),
     (["--profile", "full", "--epochs", "3"], {**demo_api.PROFILES["full"], "epochs": 3}),
     (["--heldout-cases", "0"], {**demo_api.PROFILES["default"], "heldout_cases": 0}),
+    (["--width", "64"], {**demo_api.PROFILES["default"], "width": 64}),
     (["--profile", "full", "--n-cases", "48", "--steps-per-epoch", "50"],
      {**demo_api.PROFILES["full"], "n_cases": 48, "steps_per_epoch": 50}),
 ])
@@ -70,8 +71,9 @@ def test_too_few_cases_is_a_usage_error(captured, tmp_path):
 
 
 def test_demo_dataset_size_reaches_the_renderer():
-    """The demo's 24 cases hold 4 val and 4 test cases; the renderer's own default (12) adds no options."""
-    assert demo_api.DemoConfig().n_cases == 24
+    """The demo's 48 cases hold 8 val and 8 test cases; the renderer's own default (12) adds no options."""
+    assert demo_api.DemoConfig().n_cases == 48 == demo_api.PROFILES["default"]["n_cases"]
+    assert demo_api._case_options(48) == {"n_cases": 48, "val_cases": 8, "test_cases": 8}
     assert demo_api._case_options(24) == {"n_cases": 24, "val_cases": 4, "test_cases": 4}
     assert demo_api._case_options(12) == {}
     assert demo_api._case_options(6) == {"n_cases": 6, "val_cases": 2, "test_cases": 2}
@@ -83,7 +85,11 @@ def test_demo_teacher_gets_the_stability_options_the_location_loss_and_trimming(
     assert {k: getattr(t, k) for k in demo_api.STABILITY_OPTIONS} == demo_api.STABILITY_OPTIONS
     assert t.location == "l2" and demo_api.DEMO_TEACH_OPTIONS["location"] == "l2"
     assert t.trim_positives == demo_api.DEMO_TEACH_OPTIONS["trim_positives"] == 0.25
-    assert (t.n_blocks, t.weights, t.epochs, t.steps_per_epoch) == (2, "none", 4, 50)
+    assert (t.n_blocks, t.width, t.weights, t.epochs, t.steps_per_epoch) == (2, 32, "none", 8, 50)
+    # The full profile keeps ResNet-18's width; a teach option given to the demo still wins.
+    full = demo_api.profile_config("full", workdir=tmp_path)
+    assert demo_api.teacher_config(full, tmp_path / "s.h5", "t", tmp_path / "runs").width == 64
+    assert demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs", width=16).width == 16
     t = demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs", ema_decay=0.0)
     assert t.ema_decay == 0.0
 
@@ -96,10 +102,10 @@ def test_demo_dataset_options_reach_prepare_and_name_the_store(tmp_path, monkeyp
     monkeypatch.setattr(prepare_api, "prepare", lambda cfg, reporter=None: seen.append(cfg))
     monkeypatch.setattr(normalize_api, "normalize", lambda cfg, reporter=None: None)
     default = demo_api.demo_store(demo_api.profile_config("default", workdir=tmp_path))
-    assert default.name == "synthetic-s0-c24-p128-norm.h5"  # no options: the names of before
-    assert seen[-1].dataset_options == {"seed": 0, "n_cases": 24, "val_cases": 4, "test_cases": 4}
+    assert default.name == "synthetic-s0-c48-p128-norm.h5"  # no options: the names of before
+    assert seen[-1].dataset_options == {"seed": 0, "n_cases": 48, "val_cases": 8, "test_cases": 8}
     looks = {"lookalikes_per_field": 5.0, "nucleus_density": 1.5, "stain_spread": 2.0}
-    cfg = demo_api.profile_config("default", workdir=tmp_path, seed=1, dataset_options=looks)
+    cfg = demo_api.profile_config("default", workdir=tmp_path, seed=1, n_cases=24, dataset_options=looks)
     store = demo_api.demo_store(cfg)
     assert store.name == "synthetic-s1-c24-stain2-nuc1.5-look5-p128-norm.h5"
     assert seen[-1].root.name == "synthetic-s1-c24-stain2-nuc1.5-look5"

@@ -27,13 +27,16 @@ def demo_cmd(
                                           file_okay=False)] = Path("uts-demo"),
     seed: SeedOpt = 0,
     profile: Annotated[Profile, typer.Option(
-        "--profile", help="default: minutes on a laptop CPU; full: four times the cases (96) and the "
-                          "steps (8 x 100), for figures (see the README for times).")] = Profile.default,
+        "--profile", help="default: minutes on a laptop CPU (48 cases, 8 x 50 steps); full: twice the cases "
+                          "(96) and the steps (8 x 100), for figures (see the README for times).")] = Profile.default,
     n_cases: Annotated[Optional[int], typer.Option(
         "--n-cases", min=6, help="Cases of the rendered dataset, 4 fields each, a sixth each for val and "
-                                 "test (default: the profile's, 24 or 96).")] = None,
+                                 "test (default: the profile's, 48 or 96).")] = None,
     patch_size: Annotated[Optional[int], typer.Option(
         "--patch-size", min=32, help="Patch side in pixels (default: the profile's, 128).")] = None,
+    width: Annotated[Optional[int], typer.Option(
+        "--width", min=8, help="Channels of the network's first stage (default: the profile's, 32 or 64; "
+                               "see uts teach --width).")] = None,
     epochs: Annotated[Optional[int], typer.Option(
         min=1, help="Epochs for teacher and student (default: the profile's).")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(
@@ -46,14 +49,14 @@ def demo_cmd(
     device: DeviceOpt = "auto",
     heldout_cases: Annotated[Optional[int], typer.Option(
         "--heldout-cases", min=0, help="Score on a separate rendered test set of this many cases (4 fields "
-                                       "each; default: the profile's, 20 or 40); 0: the dataset's own 4 test cases.")] = None,
+                                       "each; default: the profile's, 20 or 40); 0: the dataset's own test cases.")] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Run the whole method on the built-in synthetic dataset and compare teacher and student."""
     from uts_cli.api.demo import demo, profile_config
 
     cfg = profile_config(profile.value, workdir=workdir, seed=seed, n_cases=n_cases, patch_size=patch_size,
-                         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
+                         width=width, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
                          device=device, workers=workers, heldout_cases=heldout_cases)
     result = demo(cfg, CliReporter())
     if json_output:
