@@ -12,6 +12,9 @@ AGGREGATIONS = ("max", "mean", "lse")             # lse: log-mean-exp, between t
 MODES = ("instance", "embedding")                 # pool the CAM / pool the features
 INPUT_NORMS = ("unit", "imagenet")                # pixels/255 (the original) / ImageNet mean-std
 NORM_LAYERS = ("batch", "group")                  # BatchNorm (the original) / GroupNorm, 32 groups
+NORM_GROUPS = 32                                  # GroupNorm's groups (Wu & He's default)
+RESNET_WIDTH = 64                                 # --width: first-stage channels of torchvision's ResNets
+WIDTH_STEP = 8                                    # --width: a multiple of this
 # CAM to pixels: cell n centred on pixel stride*n (where its receptive field is centred) /
 # bilinear with align_corners=True over the whole patch (the original; up to ~1 stride off).
 CAM_UPSAMPLINGS = ("exact", "method")
@@ -47,6 +50,17 @@ DATASET_NAMES = ("TUPAC16", "MIDOG21", "MITOS14", "CCMCT", "folder", "synthetic"
 KIND_MITOSIS = 0
 KIND_HARD_NEGATIVE = 1
 POINT_KINDS = {KIND_MITOSIS: "mitosis", KIND_HARD_NEGATIVE: "hard_negative"}
+
+
+def width_problem(width, norm: str) -> tuple[str, str] | None:
+    """``(message, hint)`` when no network can be built with this ``--width`` and ``--norm``, else None."""
+    if isinstance(width, bool) or int(width) != width or width < WIDTH_STEP or width % WIDTH_STEP:
+        return (f"network width must be a multiple of {WIDTH_STEP}, at least {WIDTH_STEP} (got {width})",
+                f"use e.g. --width 32, or {RESNET_WIDTH} (torchvision's ResNet)")
+    if norm == "group" and width % NORM_GROUPS:
+        return (f"--norm group needs a width divisible by {NORM_GROUPS} (got {width})",
+                f"use --width 32 or {RESNET_WIDTH}")
+    return None
 
 
 def is_device(value: str) -> bool:

@@ -173,7 +173,7 @@ class TeachConfig:
     input_norm: str = "unit"            # unit (pixels/255, the original) | imagenet
     cam_upsample: str = "exact"         # exact | method (the original's align_corners=True)
     norm: str = "batch"                 # batch (the original) | group
-    width: int = 64                     # 64: torchvision's ResNet; 32: about a quarter of the compute
+    width: int = choices.RESNET_WIDTH   # 64: torchvision's ResNet; 32: about a quarter of the compute
     epochs: int = 10
     lr: float = 1e-4
     batch_size: int = 32
@@ -219,6 +219,7 @@ class TeachConfig:
         def one_of(value, allowed, option):
             return value in allowed, f"unknown {option} {value!r}", f"use one of {', '.join(allowed)}"
 
+        width_problem = choices.width_problem(self.width, self.norm)
         checks = [
             one_of(self.arch, choices.ARCHS, "--arch"),
             one_of(self.aggregation, choices.AGGREGATIONS, "--aggregation"),
@@ -228,12 +229,10 @@ class TeachConfig:
             one_of(self.location, choices.LOCATIONS, "--location"),
             one_of(self.norm, choices.NORM_LAYERS, "--norm"),
             one_of(self.image_loss, choices.IMAGE_LOSSES, "--image-loss"),
-            (not isinstance(self.width, bool) and self.width >= 8 and self.width % 8 == 0,
-             f"network width must be a multiple of 8, at least 8 (got {self.width})", "use e.g. --width 32 or 64"),
-            (self.width == 64 or self.weights != "imagenet", f"--width {self.width} cannot start from the ImageNet "
-             "weights (they fit width 64)", "add --weights none, or use --width 64"),
-            (self.norm == "batch" or self.width % 32 == 0, "--norm group needs a width divisible by 32",
-             "use --width 32 or 64"),
+            (width_problem is None, *(width_problem or ("", ""))),
+            (self.width == choices.RESNET_WIDTH or self.weights != "imagenet", f"--width {self.width} cannot "
+             f"start from the ImageNet weights (they fit width {choices.RESNET_WIDTH})",
+             f"add --weights none, or use --width {choices.RESNET_WIDTH}"),
             (0 < self.gce_q <= 1, "gce_q must be in (0, 1]", "use e.g. --gce-q 0.7"),
             # The ImageNet file holds BatchNorm statistics a GroupNorm network has no place for.
             (self.norm == "batch" or self.weights != "imagenet", "--norm group cannot start from the "

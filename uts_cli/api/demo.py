@@ -22,8 +22,8 @@ class DemoConfig:
     seed: int = 0
     patch_size: int = 128
     n_blocks: int = 2
-    # Channels of the network's first stage (64: ResNet-18's). At 32 the network has a quarter of
-    # the compute and trains about 2.5 times as many samples a second on a CPU; at the same steps
+    # Channels of the network's first stage (64: ResNet-18's). At 32 the network has 28 % of the
+    # multiply-adds and trains 2.7 times as many samples a second on a CPU; at the same steps
     # it localizes as well, so the default profile spends the time on twice the cases and steps
     # (docs/science.md, section 7, "The demo since 2026-12-03: a half-width network").
     width: int = 32

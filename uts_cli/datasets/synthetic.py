@@ -269,9 +269,9 @@ def _render_workers(spec: SyntheticSpec, workers: int | None) -> int:
     return max(1, min(usable, MAX_RENDER_WORKERS))
 
 
-def _render_one(out: Path, spec: SyntheticSpec, ci: int, fi: int, case: str, name: str) -> list[dict]:
-    """Render field ``fi`` of case ``ci`` into ``out/images`` and return its objects."""
-    stain = _render.case_stain(np.random.default_rng([spec.seed, ci, 0]), spec.stain_spread)
+def _render_one(out: Path, spec: SyntheticSpec, ci: int, fi: int, case: str, name: str,
+                stain: _render.Stain) -> list[dict]:
+    """Render field ``fi`` of case ``ci`` (whose stain is ``stain``) into ``out/images``; return its objects."""
     rng = np.random.default_rng([spec.seed, ci, fi + 1])
     n_mit = int(rng.poisson(spec.mitoses_per_field))
     n_look = int(rng.poisson(spec.lookalikes_per_field))
@@ -292,9 +292,9 @@ def _quiet_worker() -> None:
 
 def _write_dataset(out: Path, spec: SyntheticSpec, reporter: Reporter, workers: int = 1) -> dict:
     cases, names, splits = case_ids(spec), field_names(spec), assign_splits(spec)
-    stains = {case: _render.case_stain(np.random.default_rng([spec.seed, ci, 0]), spec.stain_spread).to_dict()
-              for ci, case in enumerate(cases)}
-    jobs = [(ci, fi, case, name) for ci, case in enumerate(cases) for fi, name in enumerate(names)]
+    stains = [_render.case_stain(np.random.default_rng([spec.seed, ci, 0]), spec.stain_spread)
+              for ci in range(len(cases))]
+    jobs = [(ci, fi, case, name, stains[ci]) for ci, case in enumerate(cases) for fi, name in enumerate(names)]
     objects: list[dict] = []
     reporter.start("Rendering synthetic fields", len(jobs))
     if workers <= 1:
@@ -333,7 +333,7 @@ def _write_dataset(out: Path, spec: SyntheticSpec, reporter: Reporter, workers: 
         "seed": spec.seed,
         "pixel_size_um": PIXEL_SIZE_UM,
         "counts": _counts(objects, spec, splits),
-        "stains": stains,
+        "stains": {case: stain.to_dict() for case, stain in zip(cases, stains)},
         "files": {"images": "images/<case>/<field>.tif", "annotations": "annotations.csv",
                   "truth": "truth.csv", "truth_objects": "truth_objects.csv", "splits": "splits.csv"},
         "complete": True,

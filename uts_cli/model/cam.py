@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uts_cli.choices import AGGREGATIONS, ARCHS, CAM_UPSAMPLINGS, INPUT_NORMS, MODES, NORM_LAYERS
+from uts_cli.choices import (AGGREGATIONS, ARCHS, CAM_UPSAMPLINGS, INPUT_NORMS, MODES, NORM_GROUPS, NORM_LAYERS,
+                             RESNET_WIDTH, width_problem)
 from uts_cli.errors import InputDataError, ResourceError, UsageError, first_line
 
 STAGE_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet50": (256, 512, 1024, 2048)}
-# Channels of the stem and of the first stage's blocks in torchvision's ResNets; each later stage doubles them.
-RESNET_WIDTH = 64
 # Residual blocks per stage.
 STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,8 +28,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # r of the "lse" aggregation, (1/r) log mean exp(r * cam): at r = 2 a cell 1 logit below the top
 # gets exp(-2) (0.14) of its gradient weight: the top cells share it, not the arg-max alone.
 LSE_SHARPNESS = 2.0
-# GroupNorm groups (Wu & He's default; every stage width of both archs divides by it).
-GROUPS = 32
+# GroupNorm groups (Wu & He's default; every stage width of both archs divides by it, and
+# choices.width_problem keeps --width to multiples of it under --norm group).
+GROUPS = NORM_GROUPS
 # torchvision's file names for the ImageNet weights (what torch.hub would have cached).
 IMAGENET_FILES = {
     "resnet18": ("resnet18-f37072fd.pth",),
@@ -182,12 +182,9 @@ class CamNet(nn.Module):
 
 def check_width(width, norm: str) -> int:
     """``width`` as an int, or UsageError when no network can be built with it."""
-    if isinstance(width, bool) or int(width) != width or width < 8 or width % 8:
-        raise UsageError(f"network width must be a multiple of 8, at least 8 (got {width})",
-                         hint=f"use e.g. --width 32, or {RESNET_WIDTH} (torchvision's ResNet)")
-    if norm == "group" and width % GROUPS:
-        raise UsageError(f"--norm group needs a width divisible by {GROUPS} (got {width})",
-                         hint=f"use --width 32 or {RESNET_WIDTH}")
+    problem = width_problem(width, norm)
+    if problem is not None:
+        raise UsageError(problem[0], hint=problem[1])
     return int(width)
 
 
