@@ -148,3 +148,27 @@ def test_detections_helpers():
     both = concat_detections([a, b])
     assert len(both) == 2 and both.take(np.array([1])).yx.tolist() == [[11.0, 22.0]]
     assert len(concat_detections([])) == 0
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_detections_at_thresholds_equal_one_labelling_per_threshold(seed):
+    """The one-pass sweep gives, bit for bit, what detections_from_prob gives at each threshold:
+    rough and smooth maps, NaN pixels, values exactly on a threshold, min_area, any order."""
+    from uts_cli.localize import detections_at_thresholds
+    from uts_cli.model.validate import SWEEP
+
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(1, 70, 2))
+    prob = (rng.random((h, w)) ** rng.uniform(0.3, 4)).astype(np.float32)
+    if seed % 4 == 0:
+        prob[rng.random((h, w)) < 0.1] = np.nan
+    if seed % 3 == 0:
+        prob = np.round(prob, 1)      # many pixels exactly on 0.1, 0.2, ...
+    thresholds = rng.permutation(np.r_[SWEEP, 0.0, 1.0, 0.3])[:int(rng.integers(0, 12))]
+    min_area = int(rng.integers(1, 4))
+    got = detections_at_thresholds(prob, thresholds, min_area=min_area)
+    assert len(got) == len(thresholds)
+    for dets, t in zip(got, thresholds):
+        ref = detections_from_prob(prob, float(t), min_area=min_area)
+        assert np.array_equal(dets.yx, ref.yx) and np.array_equal(dets.score, ref.score)
+        assert np.array_equal(dets.area, ref.area) and dets.area.dtype == ref.area.dtype

@@ -184,3 +184,23 @@ def test_off_grid_stores_are_swept_on_whole_fields(tmp_path):
     off_grid = region_sweep(s, batches(idx2, np.concatenate([maps, shifted])), radius_px=10, indices=idx2)
     assert off_grid.n_fields == on_grid.n_fields == 4
     assert off_grid.best == on_grid.best
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_whole_field_and_banded_sweeps_count_alike(store, monkeypatch, partial):
+    """Fields too large to stitch whole go through eval's banded stitcher, threshold by threshold;
+    both ways give the same counts at every threshold (maps with blobs, decoys and noise)."""
+    import uts_cli.model.validate as validate
+
+    rng = np.random.default_rng(5)
+    idx = np.arange(len(store))
+    if partial:
+        idx = np.sort(rng.choice(idx, size=len(idx) * 3 // 4, replace=False))
+    maps = np.maximum(blob_maps(store, idx, peak=0.9, decoy=0.5),
+                      (rng.random((len(idx), store.patch_size, store.patch_size)) ** 6).astype(np.float32))
+    whole = region_sweep(store, batches(idx, maps), radius_px=10, indices=idx)
+    monkeypatch.setattr(validate, "WHOLE_FIELD_PIXELS", 0)
+    banded = region_sweep(store, batches(idx, maps), radius_px=10, indices=idx)
+    assert whole.counts == banded.counts and whole.threshold == banded.threshold
+    assert (whole.n_fields, whole.n_points) == (banded.n_fields, banded.n_points)
+    assert len({c.fp for c in whole.counts}) > 3      # the thresholds really differ

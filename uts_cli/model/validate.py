@@ -24,6 +24,8 @@ from uts_cli.metrics import Counts
 # end of this grid is reported as such (see ``SweepResult.at_edge``).
 SWEEP = np.round(np.concatenate([[0.01, 0.02, 0.03], np.arange(0.05, 0.951, 0.05), [0.97, 0.98, 0.99]]), 2)
 DEFAULT_RADIUS_PX = 30.0
+# Largest field (pixels) the sweep stitches whole: about 40 bytes a pixel while it is scored.
+WHOLE_FIELD_PIXELS = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,8 @@ def region_sweep(store: PatchStore, batches: Iterable[tuple[np.ndarray, np.ndarr
     Returns:
         The sweep's counts and its best threshold.
     """
-    from uts_cli.evaluation import RegionStitcher, score_detections, score_map
-    from uts_cli.localize import stitch_region
+    from uts_cli.evaluation import RegionStitcher, score_detections
+    from uts_cli.localize import detections_at_thresholds, stitch_region
 
     thresholds = np.asarray(thresholds, np.float64)
     if indices is not None:
@@ -98,13 +100,19 @@ def region_sweep(store: PatchStore, batches: Iterable[tuple[np.ndarray, np.ndarr
     imgs, per_image = np.unique(store.image_idx[indices], return_counts=True)
     expected = {int(i): int(n) for i, n in zip(imgs, per_image)}
     partial = {i for i, n in expected.items() if n < int(store.image_patch_count[i])}
+    # Fields up to WHOLE_FIELD_PIXELS (every val field of the synthetic and HPF datasets) are
+    # stitched whole and scored at all thresholds in one pass. Larger ones on the store grid (whole
+    # slides) go through eval's banded stitcher, once per threshold, so no slide is ever held whole.
+    # Off the grid (hand-made stores of overlapping crops, e.g. the benchmarks') fields are always
+    # whole, overlaps taking the maximum.
     on_grid = _on_store_grid(store, indices)
-    # On the store grid (every store `prepare` writes): the banded stitcher of eval and predict,
-    # once per threshold (blobs depend on it; val fields are small, so a band each costs little).
-    stitchers = [RegionStitcher(store.image_idx, store.origin, store.image_shape, store.patch_size, indices,
-                                float(t)) for t in thresholds] if on_grid else []
-    # Off the grid (hand-made stores of overlapping crops, e.g. the benchmarks'): whole fields,
-    # overlaps taking the maximum, labelled at every threshold.
+    banded = np.zeros(len(store.image_patch_count), bool)
+    if on_grid:
+        sizes = np.prod(np.asarray(store.image_shape[imgs], np.int64)[:, :2], axis=1)
+        banded[imgs[sizes > WHOLE_FIELD_PIXELS]] = True
+    banded_indices = indices[banded[store.image_idx[indices]]]
+    stitchers = [RegionStitcher(store.image_idx, store.origin, store.image_shape, store.patch_size,
+                                banded_indices, float(t)) for t in thresholds] if len(banded_indices) else []
     pending: dict[int, list] = {}
     counts = [Counts() for _ in thresholds]
     seen: dict[int, list[int]] = {}
@@ -125,23 +133,24 @@ def region_sweep(store: PatchStore, batches: Iterable[tuple[np.ndarray, np.ndarr
         for k in patch_indices:
             seen.setdefault(int(store.image_idx[k]), []).append(int(k))
         finished: dict[int, np.ndarray] = {}
-        for j, stitcher in enumerate(stitchers):
-            for img, dets in stitcher.add(patch_indices, maps):
-                if img not in finished:
-                    finished[img] = truth_of(img)
-                counts[j] = counts[j] + score_detections(dets, finished[img], radius_px, matching).counts
-        if not on_grid:
-            for k, m in zip(patch_indices, maps):
-                img = int(store.image_idx[k])
-                tiles = pending.setdefault(img, [])
-                tiles.append((tuple(int(v) for v in store.origin[k]), m))
-                if len(tiles) < expected[img]:
-                    continue
-                del pending[img]
-                field = stitch_region(tiles, tuple(int(v) for v in store.image_shape[img][:2]))
-                finished[img] = truth = truth_of(img)
-                for j, t in enumerate(thresholds):
-                    counts[j] = counts[j] + score_map(field, float(t), truth, radius_px, matching).counts
+        in_band = banded[store.image_idx[patch_indices]]
+        if in_band.any():
+            for j, stitcher in enumerate(stitchers):
+                for img, dets in stitcher.add(patch_indices[in_band], maps[in_band]):
+                    if img not in finished:
+                        finished[img] = truth_of(img)
+                    counts[j] = counts[j] + score_detections(dets, finished[img], radius_px, matching).counts
+        for k, m in zip(patch_indices[~in_band], maps[~in_band]):
+            img = int(store.image_idx[k])
+            tiles = pending.setdefault(img, [])
+            tiles.append((tuple(int(v) for v in store.origin[k]), m))
+            if len(tiles) < expected[img]:
+                continue
+            del pending[img]
+            field = stitch_region(tiles, tuple(int(v) for v in store.image_shape[img][:2]))
+            finished[img] = truth = truth_of(img)
+            for j, dets in enumerate(detections_at_thresholds(field, thresholds)):
+                counts[j] = counts[j] + score_detections(dets, truth, radius_px, matching).counts
         for img, truth in finished.items():
             seen.pop(img, None)
             n_fields += 1
