@@ -214,7 +214,7 @@ sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 def run_all():
     with torch.inference_mode(), policy.autocast():
         for i in range(0, len(tiles), bs):
-            x = model.prepare_input(tiles[i:i + bs], channels_last=dev.type == "cuda")
+            x = model.prepare_input(tiles[i:i + bs], channels_last=True)
             cam_probabilities(model, x, p).float().cpu()
     sync()
 run_all()

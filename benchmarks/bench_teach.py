@@ -112,11 +112,11 @@ def build_store(path: Path, n_patches: int, patch_size: int, seed: int = 0) -> P
 
 
 def model_only(arch: str, n_blocks: int, batch_size: int, patch_size: int, steps: int, warmup: int,
-               device: str = "cpu", width: int = 64) -> None:
+               device: str = "cpu", width: int = 64, channels_last: bool = True) -> None:
     """Train steps on one fixed batch already on the device; print samples/s as JSON.
 
-    On CUDA it uses what ``fit`` uses there (the same AMP policy and channels-last), so the ratio
-    compares like with like.
+    It uses what ``fit`` uses (the same AMP policy and memory format), so the ratio compares like
+    with like.
     """
     import torch
     import torch.nn.functional as F
@@ -128,7 +128,6 @@ def model_only(arch: str, n_blocks: int, batch_size: int, patch_size: int, steps
     threads = configure_cpu_threads() if dev.type == "cpu" else torch.get_num_threads()
     amp = resolve_amp("auto", dev)
     torch.manual_seed(0)
-    channels_last = dev.type == "cuda"
     model = CamNet(arch=arch, n_blocks=n_blocks, width=width).to(dev).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -164,7 +163,7 @@ def model_only(arch: str, n_blocks: int, batch_size: int, patch_size: int, steps
 
 
 def teach(store: str, runs_dir: str, arch: str, n_blocks: int, batch_size: int, steps: int,
-          workers: int, augment: bool, device: str = "cpu", width: int = 64) -> None:
+          workers: int, augment: bool, device: str = "cpu", width: int = 64, channels_last: bool = True) -> None:
     """Two epochs of ``train_run``; print the 2nd epoch's training throughput as JSON."""
     import torch
 
@@ -173,7 +172,7 @@ def teach(store: str, runs_dir: str, arch: str, n_blocks: int, batch_size: int, 
 
     cfg = TeachConfig(store=Path(store), name="bench", runs_dir=Path(runs_dir), arch=arch, n_blocks=n_blocks,
                       width=width, weights="none", epochs=2, batch_size=batch_size, steps_per_epoch=steps,
-                      workers=workers, device=device, augment=augment, overwrite=True)
+                      workers=workers, device=device, augment=augment, overwrite=True, channels_last=channels_last)
     result = train_run(cfg)
     last = result.history[-1]
     print(json.dumps({"samples_per_s": float(last["samples_per_s"]),
@@ -191,14 +190,16 @@ def teach(store: str, runs_dir: str, arch: str, n_blocks: int, batch_size: int, 
 def run_model_only(args) -> dict:
     c = _common.python_child(
         f"import bench_teach as b; b.model_only({args.arch!r}, {args.n_blocks}, {args.batch_size}, "
-        f"{args.patch_size}, {args.steps}, {args.warmup}, {args.device!r}, {args.width})")
+        f"{args.patch_size}, {args.steps}, {args.warmup}, {args.device!r}, {args.width}, "
+        f"{args.channels_last == 'on'})")
     return {**c.json_tail(), "wall_s": c.wall_s, "peak_rss_mb": c.maxrss_mb, "tree_pss_mb": c.tree_pss_mb}
 
 
 def run_teach(args, store: Path, runs_dir: Path, augment: bool = True) -> dict:
     c = _common.python_child(
         f"import bench_teach as b; b.teach({str(store)!r}, {str(runs_dir)!r}, {args.arch!r}, {args.n_blocks}, "
-        f"{args.batch_size}, {args.steps}, {args.workers}, {augment}, {args.device!r}, {args.width})")
+        f"{args.batch_size}, {args.steps}, {args.workers}, {augment}, {args.device!r}, {args.width}, "
+        f"{args.channels_last == 'on'})")
     return {**c.json_tail(), "wall_s": c.wall_s, "peak_rss_mb": c.maxrss_mb, "tree_pss_mb": c.tree_pss_mb}
 
 
@@ -211,7 +212,8 @@ def report(runs: list[dict], args, machine: dict, elapsed: float) -> tuple[str, 
     teach_runs = [r for r in runs if r["run"] == "teach" and r["augment"]]
     md = [_common.header_block("uts teach: training throughput and peak memory", machine),
           f"Model {args.arch} to layer {args.n_blocks}, width {args.width}, + CAM head, batch {args.batch_size} of "
-          f"{args.patch_size} px patches, CPU (float32), {args.workers} DataLoader worker(s). "
+          f"{args.patch_size} px patches, CPU (float32), channels-last {args.channels_last}, "
+          f"{args.workers} DataLoader worker(s). "
           f"model-only: {args.steps} steps after {args.warmup} warm-up steps on one fixed in-memory batch "
           f"(no data loading, no augmentation). teach: `train_run`, ImageNet weights off, 2 epochs of "
           f"{args.steps} steps, samples/s of epoch 2 from `history.csv` (training loop only; validation on "
@@ -234,7 +236,7 @@ def report(runs: list[dict], args, machine: dict, elapsed: float) -> tuple[str, 
                f"{large['tree_pss_mb'] / max(small['tree_pss_mb'], 1e-9):.2f}.", ""]
     md.append(f"Total benchmark time: {elapsed:.0f} s.")
     data = {"benchmark": "teach", "machine": machine, "command": sys.argv, "arch": args.arch,
-            "n_blocks": args.n_blocks, "width": args.width, "batch_size": args.batch_size, "patch_size": args.patch_size,
+            "n_blocks": args.n_blocks, "width": args.width, "channels_last": args.channels_last, "batch_size": args.batch_size, "patch_size": args.patch_size,
             "steps": args.steps, "workers": args.workers, "model_only_samples_per_s": reference,
             "runs": runs, "seconds": elapsed}
     return "\n".join(md), data
@@ -256,6 +258,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda (model-only then uses the same AMP as fit)")
     ap.add_argument("--n-blocks", type=int, default=3, help="ResNet stages kept (default 3)")
     ap.add_argument("--width", type=int, default=64, help="channels of the first stage (default 64, ResNet's)")
+    ap.add_argument("--channels-last", choices=("on", "off"), default="on",
+                    help="NHWC memory format for both measurements (on: what uts teach does by default)")
     ap.add_argument("--ablate-augment", action="store_true",
                     help="also run teach with augmentation off at the largest size")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/uts-bench"),

@@ -45,6 +45,7 @@ def _on_off(text: str) -> bool:
 
 TEACH_FLAGS = {  # flag -> (TeachConfig field, type)
     "--width": ("width", int),
+    "--channels-last": ("channels_last", _on_off),
     "--select": ("select", str), "--aggregation": ("aggregation", str), "--cam-upsample": ("cam_upsample", str),
     "--optimizer": ("optimizer", str), "--weight-decay": ("weight_decay", float),
     "--lr-schedule": ("lr_schedule", str), "--warmup-epochs": ("warmup_epochs", float),

@@ -158,3 +158,33 @@ def test_narrow_network_trains_evaluates_and_is_checked(tmp_path):
     assert r.exit_code == 2 and "ImageNet" in r.stderr and "--width 64" in r.stderr, r.stderr
     assert not (runs / "bad").exists()
 
+
+
+def test_channels_last_is_the_default_and_no_channels_last_is_recorded(tmp_path):
+    """NHWC on every device by default; --no-channels-last keeps a CPU run in NCHW (as before
+    2026-12-03), and a config saved without the field loads as the old CUDA-only rule."""
+    from uts_cli.config import TeachConfig
+
+    store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
+    runs = tmp_path / "runs"
+    for name, extra, expected in (("nhwc", (), True), ("nchw", ("--no-channels-last",), False)):
+        r = _teach(store, runs, name, *extra)
+        assert r.exit_code == 0, r.stderr
+        saved = json.loads((runs / name / "config.json").read_text())
+        assert saved["config"]["channels_last"] is expected
+        assert TeachConfig.from_dict(saved).channels_last is expected
+    old = json.loads((runs / "nhwc" / "config.json").read_text())
+    del old["config"]["channels_last"]
+    assert TeachConfig.from_dict(old).channels_last is None
+
+
+def test_channels_last_trains_nearly_as_nchw(tmp_path):
+    """The memory format changes float rounding, not what is learned: same batches, losses alike."""
+    store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
+    runs = tmp_path / "runs"
+    losses = {}
+    for name, extra in (("nhwc", ()), ("nchw", ("--no-channels-last",))):
+        r = _teach(store, runs, name, *extra)
+        assert r.exit_code == 0, r.stderr
+        losses[name] = json.loads((runs / name / "metrics.json").read_text())["final"]["train_loss"]
+    assert losses["nhwc"] == pytest.approx(losses["nchw"], rel=1e-3)

@@ -135,6 +135,11 @@ def teach_cmd(
     sync_bn: Annotated[bool, typer.Option(
         "--sync-bn", help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm).")
     ] = False,
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last/--no-channels-last", help="NHWC memory format, on CPU too (1.4-1.5x faster training on "
+                                                   "an x86 CPU). --no-channels-last trains a CPU run in NCHW, as "
+                                                   "uts did before 2026-12-03 (to repeat an older run exactly).")
+    ] = True,
     seed: SeedOpt = 0,
     workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -152,7 +157,7 @@ def teach_cmd(
                       alpha_location=alpha_location, temperature=temperature, margin=margin, tlb=tlb,
                       augment=augment, strong_augmentation=strong_augmentation, balance=balance, only_one_mitosis=only_one_mitosis,
                       steps_per_epoch=steps_per_epoch, pixel_threshold=pixel_threshold.value, amp=amp.value,
-                      use_truth=use_truth, sync_bn=sync_bn, seed=seed, workers=workers, device=device,
+                      use_truth=use_truth, sync_bn=sync_bn, channels_last=channels_last, seed=seed, workers=workers, device=device,
                       resume=resume, overwrite=overwrite, select=select.value, radius_px=radius_px,
                       optimizer=optimizer.value, weight_decay=weight_decay, lr_schedule=lr_schedule.value,
                       warmup_epochs=warmup_epochs, ema_decay=ema_decay, bn_reestimate=bn_reestimate,

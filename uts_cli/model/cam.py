@@ -127,7 +127,7 @@ class CamNet(nn.Module):
         Args:
             images: uint8 ``(B, H, W, 3)`` or float ``(B, 3, H, W)`` with values in 0..255, on the
                 model's device.
-            channels_last: return NHWC memory format (faster convolutions on CUDA).
+            channels_last: return NHWC memory format (faster convolutions on CUDA and on CPU).
 
         Returns:
             A new float32 ``(B, 3, H, W)`` tensor scaled as ``input_norm`` says.
