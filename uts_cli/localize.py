@@ -76,6 +76,11 @@ def _as_map(prob, name: str = "probability map") -> np.ndarray:
     return arr
 
 
+def _check_min_area(min_area: int) -> None:
+    if min_area < 1:
+        raise UsageError(f"min_area must be >= 1 pixel, got {min_area}", hint="use a minimum area of at least 1 pixel")
+
+
 def detections_from_prob(prob, threshold: float, min_area: int = 1) -> Detections:
     """Threshold a probability map and return one point per connected blob (the original method).
 
@@ -96,8 +101,7 @@ def detections_from_prob(prob, threshold: float, min_area: int = 1) -> Detection
         UsageError: when ``min_area`` < 1.
     """
     prob = _as_map(prob)
-    if min_area < 1:
-        raise UsageError(f"min_area must be >= 1 pixel, got {min_area}", hint="use a minimum area of at least 1 pixel")
+    _check_min_area(min_area)
     labels, n = label(prob >= threshold, connectivity=2, return_num=True)
     if n == 0:
         return Detections.empty()
@@ -142,8 +146,7 @@ def detections_at_thresholds(prob, thresholds, min_area: int = 1) -> list[Detect
         UsageError: when ``min_area`` < 1.
     """
     prob = _as_map(prob)
-    if min_area < 1:
-        raise UsageError(f"min_area must be >= 1 pixel, got {min_area}", hint="use a minimum area of at least 1 pixel")
+    _check_min_area(min_area)
     given = np.asarray(thresholds, np.float64).ravel().astype(prob.dtype)
     levels = np.unique(given)
     width = prob.shape[1]
