@@ -27,15 +27,15 @@ def demo_cmd(
                                           file_okay=False)] = Path("uts-demo"),
     seed: SeedOpt = 0,
     profile: Annotated[Profile, typer.Option(
-        "--profile", help="default: minutes on a laptop CPU (48 cases, 8 x 50 steps); full: twice the cases "
-                          "(96) and the steps (8 x 100), for figures (see the README for times).")] = Profile.default,
+        "--profile", help="default: minutes on a laptop CPU (96 cases, 8 x 100 steps); full: twice the cases "
+                          "(192) and the steps (8 x 200), for figures (see the README for times).")] = Profile.default,
     n_cases: Annotated[Optional[int], typer.Option(
         "--n-cases", min=6, help="Cases of the rendered dataset, 4 fields each, a sixth each for val and "
-                                 "test (default: the profile's, 48 or 96).")] = None,
+                                 "test (default: the profile's, 96 or 192).")] = None,
     patch_size: Annotated[Optional[int], typer.Option(
         "--patch-size", min=32, help="Patch side in pixels (default: the profile's, 128).")] = None,
     width: Annotated[Optional[int], typer.Option(
-        "--width", min=8, help="Channels of the network's first stage (default: the profile's, 32 or 64; "
+        "--width", min=8, help="Channels of the network's first stage (default: the profile's, 32; "
                                "see uts teach --width).")] = None,
     epochs: Annotated[Optional[int], typer.Option(
         min=1, help="Epochs for teacher and student (default: the profile's).")] = None,
