@@ -434,7 +434,7 @@ def test_ctrl_c_and_kill_9_leave_no_complete_looking_slide(tiny, tmp_path):
     from conftest import REPO
 
     big = tmp_path / "big.png"
-    iio.imwrite(big, np.tile(iio.imread(next(iter(tiny["fields"].values()))), (12, 12, 1)))
+    iio.imwrite(big, np.tile(iio.imread(next(iter(tiny["fields"].values()))), (24, 24, 1)))
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "uts_cli", "predict", str(big), "--run", str(tiny["run"]), "-o", str(out),
             "--mpp", "0.25", "--workers", "1", "--device", "cpu"]
