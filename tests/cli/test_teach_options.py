@@ -19,12 +19,17 @@ def _teach(store, runs, name, *extra):
                                *extra], env=ENV)
 
 
+def _teach_ok(store, runs, name, *extra) -> dict:
+    """A tiny run that must finish; its config.json."""
+    r = _teach(store, runs, name, *extra)
+    assert r.exit_code == 0, r.stderr
+    return json.loads((runs / name / "config.json").read_text())
+
+
 def test_no_augment_and_use_truth_are_recorded(tmp_path):
     store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
     runs = tmp_path / "runs"
-    r = _teach(store, runs, "t", "--no-augment", "--use-truth")
-    assert r.exit_code == 0, r.stderr
-    cfg = json.loads((runs / "t" / "config.json").read_text())
+    cfg = _teach_ok(store, runs, "t", "--no-augment", "--use-truth")
     assert cfg["schema_version"] == SCHEMA_VERSION
     assert cfg["config"]["augment"] is False and cfg["config"]["use_truth"] is True
 
@@ -146,9 +151,7 @@ def test_group_norm_and_gce_train_evaluate_and_are_checked(tmp_path):
 def test_narrow_network_trains_evaluates_and_is_checked(tmp_path):
     store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
     runs = tmp_path / "runs"
-    r = _teach(store, runs, "w32", "--width", "32")
-    assert r.exit_code == 0, r.stderr
-    cfg = json.loads((runs / "w32" / "config.json").read_text())
+    cfg = _teach_ok(store, runs, "w32", "--width", "32")
     assert cfg["config"]["width"] == 32 and cfg["model"]["width"] == 32
     ev = runner.invoke(app, ["eval", str(runs / "w32"), "--store", str(store), "--json", "--device", "cpu",
                              "--workers", "0"], env=ENV)
@@ -168,9 +171,7 @@ def test_channels_last_is_the_default_and_no_channels_last_is_recorded(tmp_path)
     store = write_tiny_store(tmp_path / "s.h5", with_truth=True)
     runs = tmp_path / "runs"
     for name, extra, expected in (("nhwc", (), True), ("nchw", ("--no-channels-last",), False)):
-        r = _teach(store, runs, name, *extra)
-        assert r.exit_code == 0, r.stderr
-        saved = json.loads((runs / name / "config.json").read_text())
+        saved = _teach_ok(store, runs, name, *extra)
         assert saved["config"]["channels_last"] is expected
         assert TeachConfig.from_dict(saved).channels_last is expected
     old = json.loads((runs / "nhwc" / "config.json").read_text())
