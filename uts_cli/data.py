@@ -157,25 +157,17 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self.epoch_len = epoch_len
         self.epoch = 0
         self.skip_batches = 0
-        self.base = self._base_positions()
+        self.repeat, self.base = self._base_positions()
 
-    def _base_positions(self) -> np.ndarray:
+    def _base_positions(self) -> tuple[int, np.ndarray]:
+        """How many times each minority sample appears per pass (1 = no balancing), and the pass."""
         pos = np.flatnonzero(self.labels)
         neg = np.flatnonzero(~self.labels)
         if not self.balance or len(pos) == 0 or len(neg) == 0:
-            return np.arange(len(self.labels))
+            return 1, np.arange(len(self.labels))
         minority, majority = (pos, neg) if len(pos) <= len(neg) else (neg, pos)
         repeat = max(1, int(round(len(majority) / len(minority))))
-        return np.concatenate([majority, np.repeat(minority, repeat)])
-
-    @property
-    def repeat(self) -> int:
-        """How many times each minority sample appears per pass (1 = no balancing)."""
-        n_pos = int(self.labels.sum())
-        n_neg = len(self.labels) - n_pos
-        if not self.balance or n_pos == 0 or n_neg == 0:
-            return 1
-        return max(1, int(round(max(n_pos, n_neg) / min(n_pos, n_neg))))
+        return repeat, np.concatenate([majority, np.repeat(minority, repeat)])
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch's order; ``skip_batches`` leaves out its first batches (mid-epoch resume)."""
