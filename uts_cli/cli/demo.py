@@ -13,9 +13,9 @@ from uts_cli.cli._output import CliReporter, cli_errors, emit_json, out_console
 
 EXAMPLES = """Example (a few minutes on a CPU; the defaults take longer and score better):
 
-  uts demo --epochs 2 --steps-per-epoch 10 --batch-size 16 --json
+  uts demo --n-cases 24 --epochs 2 --steps-per-epoch 10 --batch-size 16 --json
 
-Full run: uts demo (on a GPU: uts demo --device cuda --epochs 10 --steps-per-epoch 100).
+Full run: uts demo (the README's figures: uts demo --profile full; on a GPU add --device cuda).
 """
 
 Profile = choice_enum("Profile", choices.DEMO_PROFILES)
