@@ -87,10 +87,10 @@ def test_demo_teacher_gets_the_stability_options_the_location_loss_and_trimming(
     assert t.location == "l2" and demo_api.DEMO_TEACH_OPTIONS["location"] == "l2"
     assert t.trim_positives == demo_api.DEMO_TEACH_OPTIONS["trim_positives"] == 0.25
     assert (t.n_blocks, t.width, t.weights, t.epochs, t.steps_per_epoch) == (2, 32, "none", 8, 100)
-    # The full profile: twice the cases and steps at the same width; a teach option given to the demo still wins.
+    # The full profile: four times the cases and steps at the same width; a teach option given to the demo still wins.
     full = demo_api.profile_config("full", workdir=tmp_path)
     t = demo_api.teacher_config(full, tmp_path / "s.h5", "t", tmp_path / "runs")
-    assert (t.width, t.steps_per_epoch, full.n_cases, full.heldout_cases) == (32, 200, 192, 40)
+    assert (t.width, t.steps_per_epoch, full.n_cases, full.heldout_cases) == (32, 400, 384, 40)
     assert demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs", width=16).width == 16
     t = demo_api.teacher_config(cfg, tmp_path / "s.h5", "t", tmp_path / "runs", ema_decay=0.0)
     assert t.ema_decay == 0.0
