@@ -16,20 +16,37 @@ from uts_cli.errors import library_errors
 from uts_cli.reporting import NullReporter, Reporter
 
 
+# Training length per profile; `default` fits in minutes on 2 CPU cores, `full` is for figures.
+PROFILES = {
+    # 96 cases, 8 x 100 steps, half width: the smallest setting measured at which the noisy-label
+    # teacher localized on every seed (docs/science.md, section 7, "The demo since 2026-12-03").
+    "default": {"patch_size": 128, "width": 32, "epochs": 8, "steps_per_epoch": 100, "batch_size": 32,
+                "n_cases": 96},
+    # 384 cases, 8 x 400 steps: the smallest size measured at which the teacher scores 0.85 on
+    # every seed, the filter removes 90 % of the noisy positives while keeping 80 % of the real
+    # ones, and the student beats a teacher trained as long (docs/science.md, section 7,
+    # "The full profile at 384 cases").
+    "full": {"patch_size": 128, "width": 32, "epochs": 8, "steps_per_epoch": 400, "batch_size": 32, "n_cases": 384,
+             "heldout_cases": 40},
+}
+
+_DEFAULT = PROFILES["default"]
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     workdir: Path = Path("uts-demo")
     seed: int = 0
-    patch_size: int = 128
+    patch_size: int = _DEFAULT["patch_size"]
     n_blocks: int = 2
     # Channels of the network's first stage (64: ResNet-18's). At 32 the network has 28 % of the
     # multiply-adds and trains 2.7 times as many samples a second on a CPU; at the same steps
     # it localizes as well, so the demo spends the time on more cases and steps
     # (docs/science.md, section 7, "The demo since 2026-12-03").
-    width: int = 32
-    epochs: int = 8
-    steps_per_epoch: int = 100
-    batch_size: int = 32
+    width: int = _DEFAULT["width"]
+    epochs: int = _DEFAULT["epochs"]
+    steps_per_epoch: int = _DEFAULT["steps_per_epoch"]
+    batch_size: int = _DEFAULT["batch_size"]
     lr: float = 1e-3
     pixel_threshold: str = "localization"
     criterion: str = "TP"
@@ -37,7 +54,7 @@ class DemoConfig:
     workers: int = 1
     profile: str = "default"
     # Cases of the rendered synthetic dataset (4 fields of 512 px each; splits are per case).
-    n_cases: int = 96
+    n_cases: int = _DEFAULT["n_cases"]
     # Test cases of a separate rendered test set teacher and student are scored on (the same set
     # for every seed; 20 cases = 80 fields); 0 scores them on the dataset's own 4 test cases,
     # whose 16 fields move an F1 by about 0.05 (docs/science.md, section 9).
@@ -59,20 +76,6 @@ STABILITY_OPTIONS = {"lr_schedule": "warmup-cosine", "optimizer": "adamw", "weig
 # the quarter of each batch's positives the teacher contradicts most, which raised both teacher
 # and student on a held-out test set over 7 seeds (docs/science.md, section 9).
 DEMO_TEACH_OPTIONS = {**STABILITY_OPTIONS, "location": "l2", "trim_positives": 0.25}
-
-# Training length per profile; `default` fits in minutes on 2 CPU cores, `full` is for figures.
-PROFILES = {
-    # 96 cases, 8 x 100 steps, half width: the smallest setting measured at which the noisy-label
-    # teacher localized on every seed (docs/science.md, section 7, "The demo since 2026-12-03").
-    "default": {"patch_size": 128, "width": 32, "epochs": 8, "steps_per_epoch": 100, "batch_size": 32,
-                "n_cases": 96},
-    # 384 cases, 8 x 400 steps: the smallest size measured at which the teacher scores 0.85 on
-    # every seed, the filter removes 90 % of the noisy positives while keeping 80 % of the real
-    # ones, and the student beats a teacher trained as long (docs/science.md, section 7,
-    # "The full profile at 384 cases").
-    "full": {"patch_size": 128, "width": 32, "epochs": 8, "steps_per_epoch": 400, "batch_size": 32, "n_cases": 384,
-             "heldout_cases": 40},
-}
 
 # Renderer seed of the held-out test set: one set for every demo seed, the one the study's
 # held-out figures use (benchmarks/heldout_eval.py).
