@@ -130,8 +130,10 @@ def detections_at_thresholds(prob, thresholds, min_area: int = 1) -> list[Detect
     each pixel is summed at one threshold only; only the labelling (fast, in C) is repeated. The
     sums are of whole numbers, so they are exact and the detections equal, bit for bit, those of
     :func:`detections_from_prob` at each threshold with ``prob >= threshold`` compared in the
-    map's dtype (as a Python float threshold is). The validation sweep scores 25 thresholds a
-    field this way, about four times faster than one labelling pass each.
+    map's dtype (as a Python float threshold is). Each level is labelled on its foreground with
+    runs of empty rows and columns squeezed to one (see :func:`_label_squeezed`). The validation
+    sweep scores 25 thresholds a field this way, several times faster than one
+    :func:`detections_from_prob` each (``benchmarks/bench_sweep.py``).
 
     Args:
         prob: ``(H, W)`` probability map; NaN is never foreground.
@@ -163,13 +165,12 @@ def detections_at_thresholds(prob, thresholds, min_area: int = 1) -> list[Detect
     out: list[Detections] = [Detections.empty()] * len(levels)
     inner = None        # per-blob (area, row sum, col sum, max, first pixel) one level up
     for k in range(len(levels) - 1, -1, -1):
-        labels, n = label(passes > k, connectivity=2, return_num=True)
+        label_at, n = _label_squeezed(passes > k)
         if n == 0:
             inner = None
             continue
-        flat_labels = labels.ravel()
         new = lit[bounds[k]:bounds[k + 1]]
-        lab = flat_labels[new]
+        lab = label_at(new)
         area = _label_sums(lab, None, n)
         sy = _label_sums(lab, new // width, n)
         sx = _label_sums(lab, new % width, n)
@@ -179,7 +180,7 @@ def detections_at_thresholds(prob, thresholds, min_area: int = 1) -> list[Detect
         np.minimum.at(first, lab, new)
         if inner is not None:
             i_area, i_sy, i_sx, i_score, i_first = inner
-            parent = flat_labels[i_first]
+            parent = label_at(i_first)
             area += _label_sums(parent, i_area, n)
             sy += _label_sums(parent, i_sy, n)
             sx += _label_sums(parent, i_sx, n)
@@ -193,6 +194,38 @@ def detections_at_thresholds(prob, thresholds, min_area: int = 1) -> list[Detect
             area=area[1:][keep].astype(np.int64),
         )
     return [out[int(i)] for i in np.searchsorted(levels, given)]
+
+
+def _label_squeezed(foreground: np.ndarray):
+    """8-connected labels of ``foreground`` as ``(label_at, n)``; ``label_at(flat_indices)`` gives the
+    labels of foreground pixels by their flat index in the full map.
+
+    The labelling runs on the map with every run of empty rows cut to one empty row, and the same
+    for columns: an 8-connected blob cannot cross an empty row or column, and the cut keeps rows
+    and columns in order, so blobs and their raster-order numbers are those of the full map. A
+    thresholded CAM is mostly empty: on a teacher's validation maps the squeezed maps held 9 % of
+    the pixels over the sweep's levels, and labelling took a third of the time.
+    """
+    rows, cols = _kept_lines(foreground.any(axis=1)), _kept_lines(foreground.any(axis=0))
+    if not rows.size:
+        return None, 0
+    labels, n = label(foreground[np.ix_(rows, cols)], connectivity=2, return_num=True)
+    row_at = np.zeros(foreground.shape[0], np.int64)
+    row_at[rows] = np.arange(rows.size)
+    col_at = np.zeros(foreground.shape[1], np.int64)
+    col_at[cols] = np.arange(cols.size)
+    width = foreground.shape[1]
+
+    def label_at(flat: np.ndarray) -> np.ndarray:
+        return labels[row_at[flat // width], col_at[flat % width]]
+
+    return label_at, n
+
+
+def _kept_lines(occupied: np.ndarray) -> np.ndarray:
+    """Indices of the occupied lines and of the first empty line after each occupied run."""
+    after_occupied = np.concatenate([[False], occupied[:-1]])
+    return np.flatnonzero(occupied | after_occupied)
 
 
 def _label_sums(lab: np.ndarray, weights: np.ndarray | None, n: int) -> np.ndarray:

@@ -172,3 +172,28 @@ def test_detections_at_thresholds_equal_one_labelling_per_threshold(seed):
         ref = detections_from_prob(prob, float(t), min_area=min_area)
         assert np.array_equal(dets.yx, ref.yx) and np.array_equal(dets.score, ref.score)
         assert np.array_equal(dets.area, ref.area) and dets.area.dtype == ref.area.dtype
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_detections_at_thresholds_on_sparse_maps(seed):
+    """CAM-like maps (a few bumps on an empty background, blobs one empty row or column apart or
+    touching at a corner), where the sweep labels the map with its empty runs squeezed out."""
+    from uts_cli.localize import detections_at_thresholds
+    from uts_cli.model.validate import SWEEP
+
+    rng = np.random.default_rng(1000 + seed)
+    h, w = (int(v) for v in rng.integers(20, 120, 2))
+    yy, xx = np.mgrid[:h, :w]
+    prob = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(0, 8))):
+        cy, cx, s = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.8, 4)
+        prob = np.maximum(prob, rng.uniform(0.2, 1) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s)))
+    r, c = int(rng.integers(0, h - 3)), int(rng.integers(0, w - 3))
+    prob[r, c] = prob[r + 2, c] = prob[r, c + 2] = 0.9     # one empty row / column between
+    prob[r + 3, c + 3] = 0.8                                # a corner neighbour of the block below
+    prob[r + 2, c + 2] = 0.7
+    got = detections_at_thresholds(prob, SWEEP)
+    for dets, t in zip(got, SWEEP):
+        ref = detections_from_prob(prob, float(t))
+        assert np.array_equal(dets.yx, ref.yx) and np.array_equal(dets.score, ref.score)
+        assert np.array_equal(dets.area, ref.area)
