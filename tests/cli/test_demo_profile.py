@@ -71,8 +71,9 @@ def test_too_few_cases_is_a_usage_error(captured, tmp_path):
 
 
 def test_demo_dataset_size_reaches_the_renderer():
-    """The demo's 96 cases hold 16 val and 16 test cases; the renderer's own default (12) adds no options."""
-    assert demo_api.DemoConfig().n_cases == 96 == demo_api.PROFILES["default"]["n_cases"]
+    """The demo's 192 cases hold 32 val and 32 test cases; the renderer's own default (12) adds no options."""
+    assert demo_api.DemoConfig().n_cases == 192 == demo_api.PROFILES["default"]["n_cases"]
+    assert demo_api._case_options(192) == {"n_cases": 192, "val_cases": 32, "test_cases": 32}
     assert demo_api._case_options(96) == {"n_cases": 96, "val_cases": 16, "test_cases": 16}
     assert demo_api._case_options(48) == {"n_cases": 48, "val_cases": 8, "test_cases": 8}
     assert demo_api._case_options(24) == {"n_cases": 24, "val_cases": 4, "test_cases": 4}
@@ -86,8 +87,8 @@ def test_demo_teacher_gets_the_stability_options_the_location_loss_and_trimming(
     assert {k: getattr(t, k) for k in demo_api.STABILITY_OPTIONS} == demo_api.STABILITY_OPTIONS
     assert t.location == "l2" and demo_api.DEMO_TEACH_OPTIONS["location"] == "l2"
     assert t.trim_positives == demo_api.DEMO_TEACH_OPTIONS["trim_positives"] == 0.25
-    assert (t.n_blocks, t.width, t.weights, t.epochs, t.steps_per_epoch) == (2, 32, "none", 8, 100)
-    # The full profile: four times the cases and steps at the same width; a teach option given to the demo still wins.
+    assert (t.n_blocks, t.width, t.weights, t.epochs, t.steps_per_epoch) == (2, 32, "none", 8, 200)
+    # The full profile: twice the cases and steps at the same width; a teach option given to the demo still wins.
     full = demo_api.profile_config("full", workdir=tmp_path)
     t = demo_api.teacher_config(full, tmp_path / "s.h5", "t", tmp_path / "runs")
     assert (t.width, t.steps_per_epoch, full.n_cases, full.heldout_cases) == (32, 400, 384, 40)
@@ -104,8 +105,8 @@ def test_demo_dataset_options_reach_prepare_and_name_the_store(tmp_path, monkeyp
     monkeypatch.setattr(prepare_api, "prepare", lambda cfg, reporter=None: seen.append(cfg))
     monkeypatch.setattr(normalize_api, "normalize", lambda cfg, reporter=None: None)
     default = demo_api.demo_store(demo_api.profile_config("default", workdir=tmp_path))
-    assert default.name == "synthetic-s0-c96-p128-norm.h5"  # no options: the names of before
-    assert seen[-1].dataset_options == {"seed": 0, "n_cases": 96, "val_cases": 16, "test_cases": 16}
+    assert default.name == "synthetic-s0-c192-p128-norm.h5"  # no options: the names of before
+    assert seen[-1].dataset_options == {"seed": 0, "n_cases": 192, "val_cases": 32, "test_cases": 32}
     looks = {"lookalikes_per_field": 5.0, "nucleus_density": 1.5, "stain_spread": 2.0}
     cfg = demo_api.profile_config("default", workdir=tmp_path, seed=1, n_cases=24, dataset_options=looks)
     store = demo_api.demo_store(cfg)

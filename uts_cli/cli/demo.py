@@ -27,11 +27,11 @@ def demo_cmd(
                                           file_okay=False)] = Path("uts-demo"),
     seed: SeedOpt = 0,
     profile: Annotated[Profile, typer.Option(
-        "--profile", help="default: minutes on a laptop CPU (96 cases, 8 x 100 steps); full: four times the "
-                          "cases (384) and the steps (8 x 400), for figures (see the README for times).")] = Profile.default,
+        "--profile", help="default: under 10 minutes on 2 CPU cores (192 cases, 8 x 200 steps); full: twice "
+                          "the cases (384) and the steps (8 x 400), for figures (see the README for times).")] = Profile.default,
     n_cases: Annotated[Optional[int], typer.Option(
         "--n-cases", min=6, help="Cases of the rendered dataset, 4 fields each, a sixth each for val and "
-                                 "test (default: the profile's, 96 or 384).")] = None,
+                                 "test (default: the profile's, 192 or 384).")] = None,
     patch_size: Annotated[Optional[int], typer.Option(
         "--patch-size", min=32, help="Patch side in pixels (default: the profile's, 128).")] = None,
     width: Annotated[Optional[int], typer.Option(
