@@ -57,8 +57,8 @@ class DemoConfig:
     # Cases of the rendered synthetic dataset (4 fields of 512 px each; splits are per case).
     n_cases: int = _DEFAULT["n_cases"]
     # Test cases of a separate rendered test set teacher and student are scored on (the same set
-    # for every seed; 20 cases = 80 fields); 0 scores them on the dataset's own 4 test cases,
-    # whose 16 fields move an F1 by about 0.05 (docs/science.md, section 9).
+    # for every seed, so seeds compare on the same fields; 20 cases = 80 fields); 0 scores them
+    # on the dataset's own test cases, which differ from seed to seed (a sixth of n_cases).
     heldout_cases: int = 20
     # More SyntheticSpec options for the rendered dataset (its look: stain_spread, nucleus_density,
     # lookalikes_per_field, ...); given ones name the dataset and stores apart (see _look_suffix).
