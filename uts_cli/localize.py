@@ -170,17 +170,18 @@ def detections_at_thresholds(prob, thresholds, min_area: int = 1) -> list[Detect
             inner = None
             continue
         new = lit[bounds[k]:bounds[k + 1]]
-        lab = label_at(new)
+        new_row, new_col = np.divmod(new, width)
+        lab = label_at(new_row, new_col)
         area = _label_sums(lab, None, n)
-        sy = _label_sums(lab, new // width, n)
-        sx = _label_sums(lab, new % width, n)
+        sy = _label_sums(lab, new_row, n)
+        sx = _label_sums(lab, new_col, n)
         score = np.full(n + 1, -np.inf)
         np.maximum.at(score, lab, values[new].astype(np.float64))
         first = np.full(n + 1, np.iinfo(np.int64).max, np.int64)
         np.minimum.at(first, lab, new)
         if inner is not None:
             i_area, i_sy, i_sx, i_score, i_first = inner
-            parent = label_at(i_first)
+            parent = label_at(*np.divmod(i_first, width))
             area += _label_sums(parent, i_area, n)
             sy += _label_sums(parent, i_sy, n)
             sx += _label_sums(parent, i_sx, n)
@@ -197,8 +198,8 @@ def detections_at_thresholds(prob, thresholds, min_area: int = 1) -> list[Detect
 
 
 def _label_squeezed(foreground: np.ndarray):
-    """8-connected labels of ``foreground`` as ``(label_at, n)``; ``label_at(flat_indices)`` gives the
-    labels of foreground pixels by their flat index in the full map.
+    """8-connected labels of ``foreground`` as ``(label_at, n)``; ``label_at(rows, cols)`` gives the
+    labels of foreground pixels by their row and column in the full map.
 
     The labelling runs on the map with every run of empty rows cut to one empty row, and the same
     for columns: an 8-connected blob cannot cross an empty row or column, and the cut keeps rows
@@ -214,10 +215,9 @@ def _label_squeezed(foreground: np.ndarray):
     row_at[rows] = np.arange(rows.size)
     col_at = np.zeros(foreground.shape[1], np.int64)
     col_at[cols] = np.arange(cols.size)
-    width = foreground.shape[1]
 
-    def label_at(flat: np.ndarray) -> np.ndarray:
-        return labels[row_at[flat // width], col_at[flat % width]]
+    def label_at(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return labels[row_at[r], col_at[c]]
 
     return label_at, n
 
