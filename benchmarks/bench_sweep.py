@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -107,18 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                   else f"teacher {args.epochs} x 60 steps")
         n_fields = len(np.unique(store.image_idx[val]))
         whole_s, whole = timed_sweep(store, val, batches, args.repeats)
-        saved_label = localize._label_squeezed
-        localize._label_squeezed = _label_unsqueezed
-        try:
+        with mock.patch.object(localize, "_label_squeezed", _label_unsqueezed):
             plain_s, plain = timed_sweep(store, val, batches, args.repeats)
-        finally:
-            localize._label_squeezed = saved_label
-        saved_pixels = validate.WHOLE_FIELD_PIXELS
-        validate.WHOLE_FIELD_PIXELS = 0
-        try:
+        with mock.patch.object(validate, "WHOLE_FIELD_PIXELS", 0):
             banded_s, banded = timed_sweep(store, val, batches, args.repeats)
-        finally:
-            validate.WHOLE_FIELD_PIXELS = saved_pixels
     if not whole.counts == plain.counts == banded.counts:
         print("error: the ways disagree at some threshold", file=sys.stderr)
         return 1
